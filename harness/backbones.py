@@ -1,0 +1,106 @@
+"""Feature extractors shared by the CNN methods. Each returns an nn.Module with `out_dim`; forward gives
+(B, out_dim) features (no classifier)."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from harness.errors import ConfigError
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    """ResNet for 32x32 inputs: 3x3 stem, no max-pool, `len(blocks)` stages doubling the width."""
+
+    def __init__(self, blocks: list[int], width: int, in_channels: int = 3) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width),
+                                  nn.ReLU(inplace=True))
+        layers, planes, in_planes = [], width, width
+        for i, n in enumerate(blocks):
+            stride = 1 if i == 0 else 2
+            stage = []
+            for j in range(n):
+                stage.append(BasicBlock(in_planes, planes, stride if j == 0 else 1))
+                in_planes = planes
+            layers.append(nn.Sequential(*stage))
+            planes *= 2
+        self.stages = nn.Sequential(*layers)
+        self.out_dim = in_planes
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stages(self.stem(x))
+        return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+
+
+class ImageNetResNet18(nn.Module):
+    """torchvision's ResNet-18 without its classifier (224px inputs)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from torchvision.models import resnet18
+
+        net = resnet18(weights=None)
+        net.fc = nn.Identity()
+        self.net = net
+        self.out_dim = 512
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class TinyCNN(nn.Module):
+    """A few thousand parameters: for tests and smoke runs only."""
+
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(3, width, 3, 1, 1), nn.BatchNorm2d(width), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(width, 2 * width, 3, 1, 1), nn.BatchNorm2d(2 * width), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.out_dim = 2 * width
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+BACKBONES: dict[str, Callable[[int | None], nn.Module]] = {
+    # ResNet-32 as in iCaRL / PyCIL: 3 stages of 5 basic blocks, 16-32-64 channels (0.46 M parameters).
+    "resnet32": lambda w: CifarResNet([5, 5, 5], w or 16),
+    # ResNet-18 CIFAR variant (DER's paper): 4 stages of 2 blocks, 64..512 channels (11.17 M parameters).
+    "resnet18_cifar": lambda w: CifarResNet([2, 2, 2, 2], w or 64),
+    # Reduced ResNet-18 (GEM / ER papers: width 20): small enough for 2-CPU benchmarks.
+    "resnet18_reduced": lambda w: CifarResNet([2, 2, 2, 2], w or 20),
+    "resnet18": lambda w: ImageNetResNet18(),
+    "tiny_cnn": lambda w: TinyCNN(w or 16),
+}
+
+
+def build_backbone(name: str, width: int | None = None) -> nn.Module:
+    if name not in BACKBONES:
+        raise ConfigError(f"unknown backbone {name!r}; available: {', '.join(sorted(BACKBONES))}")
+    return BACKBONES[name](width)

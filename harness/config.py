@@ -1,0 +1,162 @@
+"""Options: harness defaults < suite < method recipe < --options files (in order) < CLI flags.
+
+Everything resolves to ONE flat dict (DyTox-style keys, so DyTox's own option files load unchanged).
+Unlike DyTox's main.py, command-line flags override the files, never the reverse.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+from harness.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = ROOT / "benchmarks"
+SUITES_DIR = BENCHMARKS / "suites"
+RECIPES_DIR = BENCHMARKS / "recipes"
+
+# Keys a suite file may hold besides ordinary options.
+SUITE_KEYS = {"name", "description", "orders", "seeds", "recipe", "budget"}
+
+
+def load_yaml(path: str | Path) -> dict:
+    """Read a YAML mapping with yaml.safe_load; one clear error line for every way it can go wrong."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"options file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"malformed YAML in {path}{where}: {getattr(exc, 'problem', exc)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must be a mapping of option: value, got {type(data).__name__}")
+    return data
+
+
+def list_suites() -> list[str]:
+    return sorted(p.stem for p in SUITES_DIR.glob("*.yaml"))
+
+
+def load_suite(name: str) -> dict:
+    path = SUITES_DIR / f"{name}.yaml"
+    if not path.is_file():
+        path = Path(name)
+        if not (path.suffix in (".yaml", ".yml") and path.is_file()):
+            raise ConfigError(f"unknown suite {name!r}; available: {', '.join(list_suites())} (see --list-suites)")
+    suite = load_yaml(path)
+    suite.setdefault("name", path.stem)
+    return suite
+
+
+def defaults() -> dict:
+    return load_yaml(RECIPES_DIR / "defaults.yaml")
+
+
+def method_recipe(method: str, recipe: str | None, explicit: bool) -> tuple[dict, list[str]]:
+    """The method's default.yaml, then the named recipe (from --recipe or the suite) if it exists."""
+    out, used = {}, []
+    base = RECIPES_DIR / method / "default.yaml"
+    if base.is_file():
+        out.update(load_yaml(base))
+        used.append(str(base.relative_to(ROOT)))
+    if recipe and recipe != "default":
+        path = RECIPES_DIR / method / f"{recipe}.yaml"
+        if path.is_file():
+            out.update(load_yaml(path))
+            used.append(str(path.relative_to(ROOT)))
+        elif explicit:
+            available = sorted(p.stem for p in (RECIPES_DIR / method).glob("*.yaml"))
+            raise ConfigError(f"no recipe {recipe!r} for method {method!r}; available: {', '.join(available)}")
+    return out, used
+
+
+def _apply(config: dict, updates: dict, known: set[str], aliases: dict[str, str | None], source: str) -> None:
+    for key, value in updates.items():
+        key = key.replace("-", "_")
+        if key in aliases:
+            target = aliases[key]
+            if target is None:          # an original-code option with no meaning here: accepted, ignored
+                continue
+            key = target
+        if key not in known:
+            close = [k for k in sorted(known) if k.split("_")[0] == key.split("_")[0]][:5]
+            hint = f" (did you mean: {', '.join(close)}?)" if close else ""
+            raise ConfigError(f"unknown option {key!r} in {source}{hint}")
+        config[key] = value
+
+
+def resolve_config(method: str, suite: str, options: Iterable[str] = (), overrides: dict | None = None,
+                   recipe: str | None = None) -> dict:
+    """Compose the flat config of a benchmark (before the order x seed grid is expanded)."""
+    from harness.registry import get_method
+
+    method_cls = get_method(method)
+    config = defaults()
+    suite_cfg = load_suite(suite)
+    recipe_cfg, recipe_files = method_recipe(method, recipe or suite_cfg.get("recipe"), explicit=recipe is not None)
+    known = set(config) | set(recipe_cfg) | SUITE_KEYS
+    aliases = dict(getattr(method_cls, "option_aliases", {}))
+    _apply(config, {k: v for k, v in suite_cfg.items() if k not in SUITE_KEYS}, known, aliases, f"suite {suite}")
+    _apply(config, recipe_cfg, known, aliases, "recipe")
+    # A suite's `budget` (e.g. a few epochs for a CPU suite) overrides every method's recipe alike.
+    _apply(config, suite_cfg.get("budget") or {}, known, aliases, f"suite {suite} budget")
+    for path in options:
+        _apply(config, load_yaml(path), known, aliases, str(path))
+    flags = {k: v for k, v in (overrides or {}).items() if v is not None and k not in ("orders", "seeds")}
+    _apply(config, flags, known, aliases, "command line")
+    config.update(method=method, suite=suite_cfg["name"], recipe_files=recipe_files,
+                  options_files=[str(Path(p).resolve()) for p in options])
+    overrides = overrides or {}
+    # An explicit class_order (DyTox's order yaml files, or --set) replaces the suite's list of orders.
+    explicit = config.get("class_order")
+    if overrides.get("orders"):
+        config["orders"] = list(overrides["orders"])
+    elif explicit is not None:
+        nested = isinstance(explicit, list) and explicit and isinstance(explicit[0], list)
+        config["orders"] = explicit if nested else [explicit]
+    else:
+        config["orders"] = list(config.get("orders") or suite_cfg.get("orders", ["natural"]))
+    config["seeds"] = [int(s) for s in (overrides.get("seeds") or config.get("seeds") or suite_cfg.get("seeds", [0]))]
+    validate(config)
+    return config
+
+
+def validate(config: dict) -> None:
+    """Checks that need several keys at once."""
+    for key in ("dataset", "initial_increment", "increment"):
+        if config.get(key) in (None, ""):
+            raise ConfigError(f"option {key!r} is not set: the suite or an --options file must give it")
+    for key in ("epochs", "batch_size"):
+        if not isinstance(config.get(key), int) or config[key] < 0 or (key == "batch_size" and config[key] == 0):
+            raise ConfigError(f"option {key!r} must be a {'positive' if key == 'batch_size' else 'non-negative'} "
+                              f"integer, got {config.get(key)!r}")
+    if config.get("memory_size") and config.get("memory_per_class"):
+        raise ConfigError("set memory_size (fixed total budget) or memory_per_class (fixed per class), not both")
+    if not isinstance(config.get("num_workers"), int) or config["num_workers"] < 1:
+        raise ConfigError(f"num_workers must be an integer >= 1, got {config.get('num_workers')!r}")
+    if config["batch_size"] % config["num_workers"]:
+        raise ConfigError(f"batch_size {config['batch_size']} is the GLOBAL batch and must be divisible by "
+                          f"num_workers {config['num_workers']}")
+
+
+def parse_value(text: str) -> Any:
+    """`--set key=value` values are YAML scalars/lists: 3, 0.1, true, [1, 2], cosine."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise ConfigError(f"cannot parse value {text!r} in --set (use YAML syntax, e.g. 0.1, true, [60, 120])")
+
+
+def config_hash(config: dict, exclude: Iterable[str] = ()) -> str:
+    """Short stable hash of the options that change results (trial names use it to resume safely)."""
+    skip = set(exclude)
+    payload = json.dumps({k: v for k, v in sorted(config.items()) if k not in skip}, sort_keys=True, default=str)
+    return hashlib.sha1(payload.encode()).hexdigest()[:8]

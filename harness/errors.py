@@ -1,0 +1,21 @@
+"""Errors the user can cause. Each carries one line saying what is wrong and how to fix it."""
+
+
+class HarnessError(Exception):
+    """Base class: the CLI prints `error: <message>` and exits non-zero, without a traceback."""
+
+
+class ConfigError(HarnessError):
+    """Bad options, unknown method/suite, malformed yaml, invalid class order."""
+
+
+class DataError(HarnessError):
+    """Missing or malformed dataset files."""
+
+
+class ResourceError(HarnessError):
+    """Not enough CPUs/GPUs for the requested workers, unreachable tracking server."""
+
+
+class CheckpointError(HarnessError):
+    """A checkpoint that cannot be read."""

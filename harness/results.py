@@ -1,0 +1,91 @@
+"""Per-trial JSON results on disk and the mean +- std table printed at the end of a benchmark."""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import pandas as pd
+
+
+def result_path(output_dir: str | Path, name: str) -> Path:
+    return Path(output_dir) / "trials" / name / "result.json"
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=_jsonable))
+    os.replace(tmp, path)   # never a half-written result
+
+
+def _jsonable(value):
+    if hasattr(value, "item"):
+        return value.item()
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return str(value)
+
+
+def read_result(output_dir: str | Path, name: str) -> dict | None:
+    path = result_path(output_dir, name)
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+
+
+def trial_rows(results: list[dict]) -> pd.DataFrame:
+    """One row per trial with its headline numbers, per head (main head first)."""
+    rows = []
+    for r in results:
+        row = {"method": r.get("method"), "suite": r.get("suite"), "order": r.get("order"),
+               "seed": r.get("seed"), "status": r.get("status"), "parameters": r.get("parameters"),
+               "wall_time_s": r.get("wall_time_s")}
+        for i, (head, m) in enumerate((r.get("metrics") or {}).items()):
+            prefix = "" if i == 0 else f"{head}_"
+            row[f"{prefix}avg_inc_acc"] = m.get("average_incremental_accuracy")
+            row[f"{prefix}last_acc"] = m.get("last_accuracy")
+            row[f"{prefix}forgetting"] = m.get("forgetting")
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _mean_std(values: pd.Series) -> str:
+    values = values.dropna()
+    if values.empty:
+        return "-"
+    std = values.std(ddof=1) if len(values) > 1 else 0.0
+    return f"{values.mean():.2f} +- {0.0 if math.isnan(std) else std:.2f}"
+
+
+def summary_table(results: list[dict]) -> pd.DataFrame:
+    """Mean +- std over orders x seeds per (method, suite). Failed trials are counted, never averaged in."""
+    df = trial_rows(results)
+    if df.empty:
+        return df
+    metric_cols = [c for c in df.columns if c.endswith(("avg_inc_acc", "last_acc", "forgetting"))]
+    out = []
+    for (method, suite), group in df.groupby(["method", "suite"], sort=False):
+        ok = group[group["status"] == "finished"]
+        row = {"method": method, "suite": suite, "trials": len(ok), "failed": int((group["status"] != "finished").sum())}
+        for col in metric_cols:
+            row[col] = _mean_std(ok[col])
+        row["parameters (M)"] = f"{ok['parameters'].max() / 1e6:.2f}" if ok["parameters"].notna().any() else "-"
+        row["time (min)"] = f"{ok['wall_time_s'].sum() / 60:.1f}" if ok["wall_time_s"].notna().any() else "-"
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+def to_markdown(df: pd.DataFrame) -> str:
+    """A Markdown table without the optional `tabulate` dependency."""
+    if df.empty:
+        return "(no results)"
+    cols = list(df.columns)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    for _, r in df.iterrows():
+        lines.append("| " + " | ".join(str(r[c]) for c in cols) + " |")
+    return "\n".join(lines)

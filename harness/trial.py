@@ -1,0 +1,198 @@
+"""One continual run (a trial): plain data in, plain data out.
+
+`run_trial(spec, ctx)` runs in-process, in a Ray Train worker, or on a cluster, unchanged. `spec` is a dict
+made by harness.trials.expand_trials (config, order, seed, name); the result is a JSON-serialisable dict.
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from harness.data import ArrayData, TaskDataset, build_transform, dataset_info, load_dataset
+from harness.errors import CheckpointError
+from harness.evaluation import compute_features, predict
+from harness.loop import train_phase
+from harness.memory import RehearsalMemory
+from harness.method import Method, TaskInfo
+from harness.metrics import ContinualMetrics
+from harness.registry import get_method
+from harness.runtime import RuntimeContext, seed_everything
+from harness.scenarios import Scenario, resolve_class_order
+
+
+class InjectedFault(RuntimeError):
+    """Raised by the test-only `fault_at_task` option to simulate a worker dying after a checkpoint."""
+
+
+class TrialTools:
+    """What the harness lends a method: feature extraction on any data, and the rehearsal memory."""
+
+    def __init__(self, method: Method, ctx: RuntimeContext, test_transform, eval_batch: int,
+                 memory: RehearsalMemory | None, class_names: list[str]) -> None:
+        self._method, self._ctx, self._tf, self._batch = method, ctx, test_transform, eval_batch
+        self.memory = memory
+        self.class_names = class_names
+
+    def features(self, data: ArrayData, flip: bool = False) -> torch.Tensor:
+        """Eval-mode features of `data` with the TEST transform (the original DyTox herded on augmented
+        images, a bug we fix), computed shard-wise across workers and gathered."""
+        return compute_features(self._method.features, self._method.model, TaskDataset(data, self._tf),
+                                self._ctx, self._batch, flip=flip)
+
+    def memory_data(self) -> ArrayData | None:
+        if self.memory is None or len(self.memory) == 0:
+            return None
+        x, y = self.memory.get()
+        return ArrayData(x, y, self.class_names)
+
+
+def _concat(a: ArrayData, b: ArrayData | None) -> ArrayData:
+    if b is None or len(b.y) == 0:
+        return a
+    return ArrayData(np.concatenate([a.x, b.x]), np.concatenate([a.y, b.y]), a.class_names)
+
+
+def _save_checkpoint(path: Path, state: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)   # atomic: a crash never leaves a half-written checkpoint behind
+
+
+def latest_checkpoint(directory: str | None) -> Path | None:
+    if not directory or not Path(directory).is_dir():
+        return None
+    found = sorted(Path(directory).glob("task_*.pt"))
+    return found[-1] if found else None
+
+
+def load_checkpoint(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 -- any failure here means the file is unusable
+        raise CheckpointError(f"cannot read checkpoint {path} ({type(exc).__name__}); delete it to retrain "
+                              "from the previous task, or delete the trial's folder to start over") from None
+
+
+def _task_info(scenario: Scenario, t: int) -> TaskInfo:
+    new = tuple(scenario.classes_of_task(t))
+    return TaskInfo(task_id=t, num_tasks=scenario.num_tasks, new_classes=new, num_old_classes=min(new),
+                    num_total_classes=len(scenario.class_order))
+
+
+def run_trial(spec: dict, ctx: RuntimeContext) -> dict:
+    """Train and evaluate one (method, suite, order, seed) trial; resumes from ctx.checkpoint_dir."""
+    config, seed = spec["config"], int(spec["seed"])
+    started = time.perf_counter()
+    seed_everything(seed)
+    info = dataset_info(config["dataset"])
+    train = load_dataset(config["dataset"], config.get("data_path"), "train", download=bool(config.get("download")))
+    test = load_dataset(config["dataset"], config.get("data_path"), "test", download=False)
+    order = resolve_class_order(spec["order"], info.num_classes, config["dataset"])
+    scenario = Scenario(train, test, config["initial_increment"], config["increment"], order)
+    train_tf = build_transform(info, train=True, options=config)
+    test_tf = build_transform(info, train=False, options=config)
+
+    method: Method = get_method(config["method"])(config, ctx.device)
+    method.build()
+    memory = None
+    if method.uses_memory and (config.get("memory_size") or config.get("memory_per_class")):
+        memory = RehearsalMemory(memory_size=config.get("memory_size") or None,
+                                 per_class=config.get("memory_per_class"), selection=method.memory_selection(),
+                                 seed=seed)
+    method.tools = TrialTools(method, ctx, test_tf, config["eval_batch_size"], memory, train.class_names)
+    metrics = ContinualMetrics()
+    history: list[dict] = []
+    start_task = 0
+
+    ckpt_path = latest_checkpoint(ctx.checkpoint_dir)
+    if ckpt_path is not None:
+        state = load_checkpoint(ckpt_path)
+        for t in range(state["task"] + 1):    # regrow the model to the saved shape, then load the weights
+            method.before_task(_task_info(scenario, t))
+        method.load_state_dict(state["method"])
+        if memory is not None and state.get("memory") is not None:
+            memory.load_state_dict(state["memory"])
+        metrics.load_state_dict(state["metrics"])
+        history = list(state["history"])
+        start_task = state["task"] + 1
+        ctx.log(f"resumed {spec['name']} from {ckpt_path.name}")
+
+    for t in range(start_task, scenario.num_tasks):
+        task = _task_info(scenario, t)
+        seed_everything(seed * 1000 + t)   # each task starts from a known RNG state, also after a resume
+        method.before_task(task)
+        if method.cumulative_data:
+            data = scenario.train_task(0)
+            for past in range(1, t + 1):
+                data = _concat(data, scenario.train_task(past))
+        else:
+            data = _concat(scenario.train_task(t), method.tools.memory_data())
+        phase = method.main_phase(task)
+        stats = train_phase(method, TaskDataset(data, train_tf), phase, task, ctx, seed,
+                            loader_workers=config.get("loader_workers", 0))
+
+        if memory is not None:
+            new_data = scenario.train_task(t)
+            feats = method.tools.features(new_data) if memory.selection != "random" else None
+            memory.update(new_data.x, new_data.y, feats, num_seen_classes=task.num_seen_classes)
+        method.after_task(task)
+
+        ft_phase = method.finetune_phase(task)
+        if ft_phase is not None and method.tools.memory_data() is not None:
+            train_phase(method, TaskDataset(method.tools.memory_data(), train_tf), ft_phase, task, ctx, seed,
+                        loader_workers=config.get("loader_workers", 0))
+
+        test_data, task_ids = scenario.test_upto(t)
+        outputs = predict(method.predict, method.model, TaskDataset(test_data, test_tf), test_data.y, ctx,
+                          config["eval_batch_size"])
+        for head, (pred, top5) in outputs.items():
+            metrics.add_task(t, pred, test_data.y, task_ids, head=head, top5_correct=top5)
+        row = _task_row(metrics, t, stats, method)
+        history.append(row)
+
+        if ctx.checkpoint_dir and ctx.is_main:
+            Path(ctx.checkpoint_dir).mkdir(parents=True, exist_ok=True)
+            _save_checkpoint(Path(ctx.checkpoint_dir) / f"task_{t:03d}.pt", {
+                "task": t, "method": method.state_dict(),
+                "memory": memory.state_dict() if memory is not None else None,
+                "metrics": metrics.state_dict(), "history": history})
+        ctx.barrier()
+        if ctx.report is not None:
+            ctx.report(row, ctx.checkpoint_dir)
+        _maybe_inject_fault(ctx, t)
+
+    return {
+        "name": spec["name"], "method": config["method"], "suite": config["suite"], "order": spec["order_name"],
+        "seed": seed, "status": "finished", "history": history, "metrics": metrics.summary(),
+        "num_tasks": scenario.num_tasks, "parameters": method.parameter_count(),
+        "wall_time_s": time.perf_counter() - started, "world_size": ctx.world_size,
+    }
+
+
+def _task_row(metrics: ContinualMetrics, t: int, stats: dict, method: Method) -> dict:
+    summary = metrics.summary()
+    row = {"task": t, "loss": stats["loss"], "epoch_time_s": stats["epoch_time"],
+           "images_per_s": stats["images_per_s"], "parameters": method.parameter_count()}
+    for head, values in summary.items():
+        prefix = "" if head == next(iter(summary)) else f"{head}_"
+        row[f"{prefix}accuracy"] = values["accuracies"][-1]
+        row[f"{prefix}avg_inc_accuracy"] = values["average_incremental_accuracy"]
+        row[f"{prefix}forgetting"] = values["forgetting"]
+        row[f"{prefix}top5"] = values["top5_accuracies"][-1]
+        row[f"{prefix}accuracy_per_task"] = values["accuracy_matrix"][-1][: t + 1]
+    return row
+
+
+def _maybe_inject_fault(ctx: RuntimeContext, t: int) -> None:
+    """Test-only: die once after task `fault_at_task`'s checkpoint (a marker file makes it fire once)."""
+    if ctx.fault_at_task is None or t != ctx.fault_at_task or not ctx.checkpoint_dir:
+        return
+    marker = Path(ctx.checkpoint_dir) / f"fault_injected_{t}"
+    if marker.exists():
+        return
+    marker.touch()
+    raise InjectedFault(f"injected fault after task {t} (fault_at_task option)")

@@ -1,0 +1,134 @@
+#!/usr/bin/env python
+"""Class-incremental continual-learning benchmark harness.
+
+  python run_benchmark.py --method icarl --suite cifar100            # every order x seed of the suite
+  python run_benchmark.py --method dytox --suite cifar10-mini --epochs 2
+  python run_benchmark.py --list-methods | --list-suites
+
+Options resolve as: harness defaults < suite < method recipe < --options files (in order) < flags.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))
+
+from harness.errors import HarnessError  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="run_benchmark.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--method", help="registered method (see --list-methods)")
+    p.add_argument("--suite", help="suite name from benchmarks/suites/ or a suite .yaml path (see --list-suites)")
+    p.add_argument("--orders", nargs="+", help="class orders to run (names: natural, seed1993, order1..3, seedN); "
+                                               "default: the suite's")
+    p.add_argument("--seeds", nargs="+", type=int, help="seeds to run; default: the suite's")
+    p.add_argument("--recipe", help="named recipe in benchmarks/recipes/<method>/ (default: the suite's, else default)")
+    p.add_argument("--options", nargs="+", default=[], metavar="YAML",
+                   help="option files applied in order (DyTox-style composition); flags override them")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any option (YAML value), e.g. --set lr=0.05 --set milestones=[10,20]")
+    p.add_argument("--data-path", help="dataset directory (official layout)")
+    p.add_argument("--download", action="store_true", help="download CIFAR into --data-path when missing")
+    p.add_argument("--output-dir", default="results", help="where trials, checkpoints and tables go (default: ./results)")
+    p.add_argument("--epochs", type=int, help="epochs for every task; milestones are rescaled proportionally")
+    p.add_argument("--batch-size", type=int, help="GLOBAL batch size (split across --num-workers)")
+    p.add_argument("--lr", type=float, help="learning rate (first and later tasks)")
+    p.add_argument("--memory-size", type=int, help="total rehearsal memory budget")
+    p.add_argument("--num-workers", type=int, help="DDP workers per trial")
+    p.add_argument("--device", help="auto | cpu | cuda")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--list-methods", action="store_true", help="list registered methods and exit")
+    p.add_argument("--list-suites", action="store_true", help="list suites and exit")
+    return p
+
+
+def overrides_from_args(args: argparse.Namespace, config_defaults: dict) -> dict:
+    from harness.config import parse_value
+    from harness.errors import ConfigError
+
+    out = {"data_path": str(Path(args.data_path).resolve()) if args.data_path else None,
+           "download": True if args.download else None, "batch_size": args.batch_size,
+           "memory_size": args.memory_size, "num_workers": args.num_workers, "device": args.device,
+           "orders": args.orders, "seeds": args.seeds}
+    if args.lr is not None:
+        out.update(lr=args.lr, incremental_lr=args.lr)
+    for item in args.set:
+        if "=" not in item:
+            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        out[key.strip()] = parse_value(value)
+    return out
+
+
+def apply_epochs(config: dict, epochs: int) -> None:
+    """--epochs N: N epochs for every task; milestones keep their relative position in the schedule."""
+    for ep_key, ms_key in (("epochs", "milestones"), ("base_epochs", "base_milestones")):
+        old = config.get(ep_key) or config.get("epochs")
+        if config.get(ms_key) and old:
+            config[ms_key] = sorted({max(1, round(m * epochs / old)) for m in config[ms_key] if m < old})
+        config[ep_key] = epochs
+    if config.get("warmup_epochs"):
+        config["warmup_epochs"] = min(config["warmup_epochs"], max(0, epochs - 1))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from harness.config import list_suites, resolve_config, validate
+    from harness.registry import get_method, list_methods
+
+    if args.list_methods:
+        for name in list_methods():
+            doc = (get_method(name).__doc__ or "").strip().splitlines()
+            print(f"{name:12s} {doc[0] if doc else ''}")
+        return 0
+    if args.list_suites:
+        from harness.config import load_suite
+        for name in list_suites():
+            print(f"{name:24s} {load_suite(name).get('description', '')}")
+        return 0
+    if not args.method or not args.suite:
+        build_parser().error("--method and --suite are required (see --list-methods, --list-suites)")
+
+    from harness.launch import run_local
+    from harness.results import summary_table, to_markdown, write_json
+    from harness.trials import expand_trials
+
+    config = resolve_config(args.method, args.suite, args.options, overrides_from_args(args, {}), args.recipe)
+    if args.epochs is not None:
+        apply_epochs(config, args.epochs)
+        validate(config)
+    output_dir = Path(args.output_dir).resolve()
+    config["output_dir"] = str(output_dir)
+    specs = expand_trials(config)
+    print(f"{len(specs)} trial(s): {args.method} on {config['suite']} "
+          f"(orders {', '.join(s['order_name'] for s in specs[::len(config['seeds'])])}; seeds {config['seeds']}) "
+          f"-> {output_dir}")
+    results = run_local(specs, output_dir, progress=not args.quiet and sys.stderr.isatty())
+    table = summary_table(results)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    table.to_csv(output_dir / "summary.csv", index=False)
+    (output_dir / "summary.md").write_text(to_markdown(table) + "\n")
+    print()
+    print(to_markdown(table))
+    failed = [r for r in results if r.get("status") != "finished"]
+    if failed:
+        print(f"{len(failed)} trial(s) failed; see {output_dir}/trials/<name>/result.json", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except HarnessError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: rerun the same command to resume (finished trials are skipped)", file=sys.stderr)
+        sys.exit(130)
