@@ -88,7 +88,7 @@ def run_trial(spec: dict, ctx: RuntimeContext) -> dict:
     config, seed = spec["config"], int(spec["seed"])
     started = time.perf_counter()
     seed_everything(seed)
-    info = dataset_info(config["dataset"])
+    info = dataset_info(config["dataset"], config.get("data_path"))
     train = load_dataset(config["dataset"], config.get("data_path"), "train", download=bool(config.get("download")))
     test = load_dataset(config["dataset"], config.get("data_path"), "test", download=False)
     order = resolve_class_order(spec["order"], info.num_classes, config["dataset"])
@@ -103,7 +103,7 @@ def run_trial(spec: dict, ctx: RuntimeContext) -> dict:
         memory = RehearsalMemory(memory_size=config.get("memory_size") or None,
                                  per_class=config.get("memory_per_class"), selection=method.memory_selection(),
                                  seed=seed)
-    method.tools = TrialTools(method, ctx, test_tf, config["eval_batch_size"], memory, train.class_names)
+    method.tools = TrialTools(method, ctx, test_tf, config["eval_batch_size"], memory, scenario.class_names)
     metrics = ContinualMetrics()
     history: list[dict] = []
     start_task = 0

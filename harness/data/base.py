@@ -1,0 +1,71 @@
+"""The in-memory form every loader returns, dataset descriptions, and where data and caches live."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from harness.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]            # the project root (holds harness/, benchmarks/)
+SHARED_DATA = ROOT.parent / "shared" / "data"         # real data kept beside the project, when present
+SHIPPED_DATA = ROOT / "benchmarks" / "data"           # data committed with the project
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class ArrayData:
+    """One split: images in memory, or file paths for large images decoded lazily by the loader."""
+    x: np.ndarray          # uint8 (N, H, W, C), or (N,) str paths
+    y: np.ndarray          # int64 (N,) ORIGINAL class ids 0..K-1
+    class_names: list[str]
+
+    def __post_init__(self) -> None:
+        self.y = np.asarray(self.y, dtype=np.int64)
+        if len(self.x) != len(self.y):
+            raise ValueError(f"{len(self.x)} images but {len(self.y)} labels")
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    @property
+    def is_paths(self) -> bool:
+        return self.x.ndim == 1 and self.x.dtype.kind in "UO"
+
+    def subset(self, indices) -> "ArrayData":
+        idx = np.asarray(indices)
+        return ArrayData(self.x[idx], self.y[idx], self.class_names)
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    name: str
+    num_classes: int | None          # None: decided by the data (imagefolder)
+    image_size: int | None           # side of the (square) images the model sees; None: from the data
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    class_names: tuple[str, ...] | None = None   # natural order (label id -> name), when fixed
+    description: str = ""
+
+
+def cache_dir() -> Path:
+    """Decoded-image caches: $CLBENCH_CACHE or ~/.cache/clbench."""
+    return Path(os.environ.get("CLBENCH_CACHE") or Path.home() / ".cache" / "clbench")
+
+
+def default_data_dir() -> Path:
+    """Where datasets without --data-path are looked for (and downloaded to): $CLBENCH_DATA or <cache>/data."""
+    env = os.environ.get("CLBENCH_DATA")
+    return Path(env) if env else cache_dir() / "data"
+
+
+def check_split(split: str) -> str:
+    if split in ("test", "val"):
+        return "test"
+    if split != "train":
+        raise ConfigError(f"unknown split {split!r}: use 'train' or 'test'")
+    return split

@@ -1,0 +1,72 @@
+"""The whole path on real data: CLI -> config -> trials -> loop -> memory -> metrics -> results table."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from harness.config import resolve_config
+from harness.launch import run_local
+from harness.trials import expand_trials
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _digits_config(method: str, **overrides):
+    base = {"backbone": "tiny_cnn", "epochs": 3, "base_epochs": 3, "batch_size": 32, "lr": 0.05,
+            "incremental_lr": 0.05, "augment": "none"}
+    base.update(overrides)
+    return resolve_config(method, "digits-5x2", overrides=base)
+
+
+@pytest.mark.parametrize("method", ["finetune", "replay", "joint"])
+def test_baselines_run_on_real_digits(tmp_path, method):
+    cfg = _digits_config(method)
+    (result,) = run_local(expand_trials(cfg), tmp_path, log=lambda s: None, progress=False)
+    assert result["status"] == "finished", result.get("error")
+    assert len(result["history"]) == 5
+    cnn = result["metrics"]["cnn"]
+    assert len(cnn["accuracies"]) == 5
+    assert cnn["accuracies"][0] > 80          # 2 classes of digits: well above the 50% chance
+    if method == "joint":
+        assert cnn["last_accuracy"] > 60      # 10 classes, chance 10%
+    saved = json.loads((tmp_path / "trials" / result["name"] / "result.json").read_text())
+    assert saved["metrics"]["cnn"]["last_accuracy"] == cnn["last_accuracy"]
+    assert sorted(p.name for p in (tmp_path / "trials" / result["name"] / "checkpoints").iterdir())[:5] == [
+        f"task_{t:03d}.pt" for t in range(5)]
+
+
+def test_finetune_forgets_and_replay_remembers(tmp_path):
+    fin = run_local(expand_trials(_digits_config("finetune")), tmp_path / "f", log=lambda s: None, progress=False)[0]
+    rep = run_local(expand_trials(_digits_config("replay")), tmp_path / "r", log=lambda s: None, progress=False)[0]
+    assert rep["metrics"]["cnn"]["last_accuracy"] > fin["metrics"]["cnn"]["last_accuracy"] + 10
+
+
+def test_resume_after_crash_matches_uninterrupted_run(tmp_path):
+    clean = run_local(expand_trials(_digits_config("replay")), tmp_path / "a", log=lambda s: None, progress=False)[0]
+    faulty_cfg = _digits_config("replay", fault_at_task=2)
+    first = run_local(expand_trials(faulty_cfg), tmp_path / "b", log=lambda s: None, progress=False)[0]
+    assert first["status"] == "failed" and "injected fault" in first["error"]
+    lines = []
+    resumed = run_local(expand_trials(faulty_cfg), tmp_path / "b", log=lines.append, progress=False)[0]
+    assert any("resumed" in line and "task_002" in line for line in lines)
+    assert resumed["status"] == "finished"
+    assert resumed["metrics"]["cnn"]["accuracies"] == pytest.approx(clean["metrics"]["cnn"]["accuracies"], abs=1e-6)
+    again = []
+    run_local(expand_trials(faulty_cfg), tmp_path / "b", log=again.append, progress=False)
+    assert again and again[0].startswith("[skip]")
+
+
+def test_corrupted_checkpoint_gives_one_clear_error(tmp_path):
+    cfg = _digits_config("finetune", fault_at_task=0)
+    run_local(expand_trials(cfg), tmp_path, log=lambda s: None, progress=False)
+    (ckpt,) = (tmp_path / "trials").glob("*/checkpoints/task_000.pt")
+    ckpt.write_bytes(b"not a checkpoint")
+    out = subprocess.run([sys.executable, "run_benchmark.py", "--method", "finetune", "--suite", "digits-5x2",
+                          "--output-dir", str(tmp_path), "--launcher", "local", "--set", "fault_at_task=0",
+                          "--set", "backbone=tiny_cnn", "--epochs", "3", "--batch-size", "32", "--lr", "0.05",
+                          "--set", "augment=none", "--quiet"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip().splitlines()[-1].startswith("error: cannot read checkpoint")
