@@ -1,0 +1,702 @@
+"""MLflow tracking: one parent run per benchmark, one child run per trial, logged from the driver (or rank 0).
+
+Where things go:
+    default store   sqlite:////<abs output_dir>/mlflow.db, artifacts in <abs output_dir>/mlartifacts/
+    a server        --tracking-uri http(s)://host:port (artifacts go wherever the server stores them)
+
+The launchers call, on the driver:
+    tracker = BenchmarkTracker.for_benchmark(uri, output_dir, config, specs)   # before any training
+    events = TrialEvents(log, tracker=tracker)     # tracker.log_task(spec, row) / tracker.log_trial(spec, result)
+    results = launch(specs, output_dir, options, events=events)
+    table = tracker.end_benchmark(results, specs)   # backfills, benchmark plot, leaderboard of this benchmark
+
+The parent run's name is deterministic (method_suite_<hash of the trial names>): rerunning the same command
+(to resume, or after everything finished) continues the same parent instead of adding an empty twin.
+`TrialLogger(client_or_uri, experiment_id, parent_run_id, spec, rank)` is the per-trial logger underneath; it
+does nothing unless rank == 0, and a re-created logger (resume, Ray restart) continues the trial's existing
+child run: steps already logged are not logged again.
+
+Runs carry plain tags so filters stay simple: `run_kind` (benchmark | trial), `trial`, `method`, `suite`,
+`variant`, `order`, `seed`, `config_hash`, `benchmark`, `main_head`, `heads`.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.metadata
+import json
+import logging
+import math
+import os
+import platform
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterable
+from urllib.parse import urlparse
+
+import yaml
+
+from harness.errors import ConfigError, ResourceError
+
+if TYPE_CHECKING:   # mlflow and pandas load lazily: importing this module must stay cheap for Ray workers
+    import pandas as pd
+    from mlflow import MlflowClient
+
+# MLflow 3 sends anonymous usage telemetry by default; a benchmark harness on a cluster should not phone home
+# (and offline nodes pay for the attempt). Users opt in with MLFLOW_DISABLE_TELEMETRY=false.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_EXPERIMENT = "clbench"
+DB_NAME = "mlflow.db"
+ARTIFACTS_DIR = "mlartifacts"
+
+MAX_PARAM_VALUE = 6000          # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH (3.x)
+MAX_KEY = 250                   # MAX_ENTITY_KEY_LENGTH
+MAX_TAG_VALUE = 5000            # comfortably below every backend's tag limit
+MAX_METRICS_PER_BATCH = 1000
+MAX_PARAMS_PER_BATCH = 100
+SENTINEL_METRIC = "accuracy"    # logged LAST in each step's batch: its history tells which steps are complete
+TRUNCATED = "...(truncated; full value in config.yaml)"
+
+STATUS_FINISHED, STATUS_FAILED, STATUS_RUNNING, STATUS_KILLED = "FINISHED", "FAILED", "RUNNING", "KILLED"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Where to log
+# ---------------------------------------------------------------------------------------------------------
+def resolve_tracking_uri(uri: str | None, output_dir: str | Path) -> str:
+    """The tracking URI to use, always absolute: Ray workers change directory, a relative store would split.
+
+    None -> sqlite:////<abs output_dir>/mlflow.db; `x.db` or `sqlite:///rel.db` -> absolute sqlite;
+    http(s)://... unchanged (trailing slash removed); the old ./mlruns file store is refused (MLflow 3 does).
+    """
+    if not uri:
+        return "sqlite:///" + str(Path(output_dir).resolve() / DB_NAME)
+    parsed = urlparse(uri)
+    scheme = parsed.scheme.lower()
+    if scheme in ("http", "https"):
+        if not parsed.netloc:
+            raise ConfigError(f"--tracking-uri {uri!r} has no host; use http://host:port")
+        return uri.rstrip("/")
+    if scheme == "sqlite":
+        path = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else ""
+        if not path or path == ":memory:":
+            raise ConfigError(f"--tracking-uri {uri!r}: give a file, e.g. sqlite:////abs/path/{DB_NAME}")
+        return "sqlite:///" + str(Path(path).expanduser().resolve())
+    if scheme in ("", "file") and str(uri).endswith(".db"):
+        path = parsed.path if scheme == "file" else uri
+        return "sqlite:///" + str(Path(path).expanduser().resolve())
+    if scheme in ("", "file"):
+        raise ConfigError(f"--tracking-uri {uri!r}: MLflow 3 no longer writes the ./mlruns file store; use "
+                          f"sqlite:////abs/path/{DB_NAME} (or omit it for <output_dir>/{DB_NAME}) or http://host:port")
+    return uri     # postgresql://, mysql://, databricks ...: MLflow knows them
+
+
+def is_server(uri: str) -> bool:
+    return urlparse(uri).scheme.lower() in ("http", "https")
+
+
+def sqlite_path(uri: str) -> Path | None:
+    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+
+
+def probe_server(uri: str, timeout: float = 5.0) -> None:
+    """GET <uri>/health with a short timeout; ResourceError (one line) when the server does not answer OK."""
+    url = uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:    # noqa: S310 -- http(s) only (checked)
+            body = response.read(64).decode(errors="replace").strip()
+            status = response.status
+    except urllib.error.HTTPError as exc:
+        reason = f"HTTP {exc.code} from {url}"
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        inner = getattr(exc, "reason", exc)
+        reason = f"{type(inner).__name__}: {inner}" if str(inner) else type(inner).__name__
+    else:
+        if status == 200:
+            return
+        reason = f"HTTP {status} from {url}: {body!r}"
+    raise ResourceError(f"MLflow tracking server {uri} is unreachable ({reason}); start it (mlflow server --host "
+                        f"127.0.0.1 --port PORT --backend-store-uri sqlite:////abs/path/{DB_NAME}) or drop "
+                        f"--tracking-uri to log to <output_dir>/{DB_NAME}")
+
+
+def _quiet_mlflow_logs() -> None:
+    """Table creation/migration chatter of a fresh sqlite store is noise in a benchmark's output."""
+    for name in ("mlflow.store.db.utils", "mlflow.store.tracking.sqlalchemy_store", "alembic",
+                 "alembic.runtime.migration"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def make_client(uri: str) -> "MlflowClient":
+    from mlflow import MlflowClient
+
+    _quiet_mlflow_logs()
+    return MlflowClient(tracking_uri=uri)
+
+
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
+
+
+def check_tracking(uri: str, experiment: str = DEFAULT_EXPERIMENT, timeout: float = 5.0,
+                   artifact_location: str | None = None) -> str:
+    """Make sure logging will work BEFORE any training; returns the experiment id.
+
+    A server must answer /health within `timeout` seconds; a sqlite store gets its folder, tables and the
+    experiment (artifacts beside the DB in mlartifacts/, never ./mlruns of whatever the cwd is). Run it once
+    on the driver: the DB and the experiment exist before any trial logs, so no two writers race to create
+    them. Every failure is a ResourceError with one line: the URI, what failed, how to fix it.
+    """
+    if is_server(uri):
+        probe_server(uri, timeout)
+    db = sqlite_path(uri)
+    if db is not None:
+        try:
+            db.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ResourceError(f"cannot create the MLflow store folder {db.parent} for {uri} ({_one_line(exc)}); "
+                                "choose a writable --output-dir or --tracking-uri") from None
+        if artifact_location is None:
+            artifact_location = (db.parent / ARTIFACTS_DIR).as_uri()
+    try:
+        client = make_client(uri)
+        exp = client.get_experiment_by_name(experiment)
+        if exp is None:
+            try:
+                return client.create_experiment(experiment, artifact_location=artifact_location)
+            except Exception:   # noqa: BLE001 -- another driver created it meanwhile: use theirs
+                exp = client.get_experiment_by_name(experiment)
+                if exp is None:
+                    raise
+    except ResourceError:
+        raise
+    except Exception as exc:  # noqa: BLE001 -- any store failure: one actionable line
+        raise ResourceError(f"MLflow tracking store {uri} is not usable ({_one_line(exc)}); check the URI, "
+                            "that the server/database is up and writable, or drop --tracking-uri") from None
+    if exp.lifecycle_stage != "active":
+        raise ResourceError(f"MLflow experiment {experiment!r} is deleted in {uri}; restore it (mlflow "
+                            f"experiments restore --experiment-id {exp.experiment_id}) or pick another --experiment")
+    return exp.experiment_id
+
+
+# ---------------------------------------------------------------------------------------------------------
+# What gets logged
+# ---------------------------------------------------------------------------------------------------------
+def _param_value(value: Any) -> str:
+    if isinstance(value, str):
+        text = value
+    else:
+        text = json.dumps(value, separators=(",", ":"), default=str)   # lists (class orders) as compact JSON
+    if len(text) > MAX_PARAM_VALUE:
+        text = text[: MAX_PARAM_VALUE - len(TRUNCATED)] + TRUNCATED
+    return text
+
+
+def _clean_key(key: str) -> str:
+    """MLflow keys allow alphanumerics, _ - . / and space."""
+    out = "".join(c if (c.isalnum() or c in "_-./ ") else "_" for c in str(key))
+    return out[:MAX_KEY]
+
+
+def flatten_params(config: dict, prefix: str = "") -> dict[str, str]:
+    """Nested dicts become `a.b`; every value a string within MLflow's length limit (long ones truncated)."""
+    out: dict[str, str] = {}
+    for key, value in config.items():
+        name = _clean_key(f"{prefix}{key}")
+        if isinstance(value, dict) and value:
+            out.update(flatten_params(value, f"{name}."))
+        else:
+            out[name] = _param_value(value)
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def versions() -> dict[str, str]:
+    """Versions that change numbers; read from package metadata (no heavy imports)."""
+    out = {"python": platform.python_version()}
+    for pkg in ("torch", "torchvision", "timm", "continuum", "ray", "mlflow", "numpy"):
+        try:
+            out[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+@functools.lru_cache(maxsize=4)
+def git_commit(root: Path = ROOT) -> str:
+    """The project's commit (`git rev-parse HEAD`); 'unknown' outside a git checkout or without git."""
+    try:
+        return subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=5, check=True).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+@functools.lru_cache(maxsize=4)
+def git_dirty(root: Path = ROOT) -> str:
+    """'true' when tracked files differ from the commit (the numbers may not be reproducible from it)."""
+    try:
+        out = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                             capture_output=True, text=True, timeout=5, check=True).stdout.strip()
+        return "true" if out else "false"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def provenance() -> dict[str, str]:
+    """Params every run carries: code commit and the versions that change numbers."""
+    out = {"git_commit": git_commit(), "git_dirty": git_dirty()}
+    out.update({f"version.{k}": v for k, v in versions().items()})
+    return out
+
+
+def variant_of(config: dict) -> str:
+    """A config's variant: `variant` if set, else the named recipe (+ --options files), else `default`."""
+    if config.get("variant"):
+        return str(config["variant"])
+    recipes = [Path(p).stem for p in config.get("recipe_files") or [] if Path(p).stem != "default"]
+    options = [Path(p).stem for p in config.get("options_files") or []]
+    return "+".join(recipes + options) or "default"
+
+
+def config_digest(config: dict) -> str:
+    """The hash trial names end with: options that change results (orders and seeds excluded)."""
+    from harness.config import config_hash
+    from harness.trials import RUNTIME_KEYS
+
+    return config_hash(config, exclude=RUNTIME_KEYS)
+
+
+def benchmark_name(config: dict, specs: Iterable[dict] | None = None) -> str:
+    """Deterministic: the same command (same trials) gets the same parent run, so reruns continue it."""
+    names = sorted(s["name"] for s in specs) if specs else [config_digest(config)]
+    digest = hashlib.sha1("\n".join(names).encode()).hexdigest()[:8]
+    return f"{config.get('method')}_{config.get('suite')}_{digest}"
+
+
+def row_metrics(row: dict) -> dict[str, float]:
+    """One task row -> MLflow metrics: numbers as they are, `<head>_accuracy_per_task` -> `<head>_acc_task_<j>`."""
+    out: dict[str, float] = {}
+    for key, value in row.items():
+        if key == "task":
+            continue
+        if isinstance(value, (list, tuple)):
+            if key.endswith("accuracy_per_task"):
+                prefix = key[: -len("accuracy_per_task")]
+                for j, v in enumerate(value):
+                    if _finite(v):
+                        out[_clean_key(f"{prefix}acc_task_{j}")] = float(v)
+            continue
+        if _finite(value):
+            out[_clean_key(key)] = float(value)
+    return out
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def summary_metrics(summary: dict) -> dict[str, float]:
+    """End-of-trial numbers per head: `final_<name>` for the main head, `final_<head>_<name>` for the others."""
+    names = {"average_incremental_accuracy": "avg_inc_accuracy", "last_accuracy": "last_accuracy",
+             "forgetting": "forgetting", "backward_transfer": "backward_transfer",
+             "average_top5_accuracy": "avg_top5_accuracy"}
+    out: dict[str, float] = {}
+    for i, (head, values) in enumerate((summary or {}).items()):
+        prefix = "final_" if i == 0 else f"final_{head}_"
+        for key, short in names.items():
+            if _finite(values.get(key)):
+                out[_clean_key(prefix + short)] = float(values[key])
+        top5 = [v for v in values.get("top5_accuracies") or [] if _finite(v)]
+        if top5 and len(top5) == len(values.get("top5_accuracies") or []):
+            out[_clean_key(prefix + "last_top5_accuracy")] = float(top5[-1])
+    return out
+
+
+def accuracy_matrix_frame(matrix: list[list[float | None]]) -> "pd.DataFrame":
+    """R[i][j] (accuracy on task j after training task i) as a table: rows `after_task`, columns `task_<j>`."""
+    import pandas as pd
+
+    n = len(matrix)
+    values = [[(float(v) if _finite(v) else None) for v in list(row) + [None] * (n - len(row))][:n]
+              for row in matrix]
+    df = pd.DataFrame(values, columns=[f"task_{j}" for j in range(n)], dtype=float)
+    df.index.name = "after_task"
+    return df
+
+
+def classes_seen(config: dict, num_steps: int) -> list[int]:
+    """x axis of accuracy curves: classes seen after each step (falls back to the task number)."""
+    first, inc = config.get("initial_increment"), config.get("increment")
+    if isinstance(first, int) and isinstance(inc, int):
+        return [first + t * inc for t in range(num_steps)]
+    return list(range(1, num_steps + 1))
+
+
+def dataset_descriptor(config: dict, spec: dict) -> "pd.DataFrame":
+    """What identifies the data of a trial (never the images): name, where it was read, the split protocol."""
+    import pandas as pd
+
+    order = spec.get("order")
+    return pd.DataFrame([{
+        "dataset": str(config.get("dataset")),
+        "data_path": str(config.get("data_path") or "(dataset default)"),
+        "initial_increment": str(config.get("initial_increment")),
+        "increment": str(config.get("increment")),
+        "class_order": order if isinstance(order, str) else json.dumps(list(order), separators=(",", ":")),
+        "memory_size": str(config.get("memory_size")),
+        "memory_per_class": str(config.get("memory_per_class")),
+    }])
+
+
+def _escape(value: str) -> str:
+    return str(value).replace("\\", "\\\\").replace("'", "\\'")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Per-trial logger
+# ---------------------------------------------------------------------------------------------------------
+class TrialLogger:
+    """Logs one trial into its child run. Does nothing unless `rank == 0` (DDP ranks share one trial).
+
+    Re-created for the same trial (a resume, a Ray restart), it finds the child run by trial name under the
+    parent and continues it; the steps whose metrics are already there are skipped.
+    """
+
+    def __init__(self, client: "MlflowClient | str", experiment_id: str, parent_run_id: str, spec: dict,
+                 rank: int = 0, tags: dict[str, str] | None = None) -> None:
+        self.enabled = int(rank) == 0
+        self.spec = spec
+        self.extra_tags = dict(tags or {})
+        self.name = spec["name"]
+        self.run_id: str | None = None
+        self.resumed = False
+        self.status = STATUS_RUNNING     # of the child run in the store
+        self.closed = False              # finish() ran in this process
+        self._logged_steps: set[int] = set()
+        if not self.enabled:
+            return
+        self.client = make_client(client) if isinstance(client, str) else client
+        self.experiment_id, self.parent_run_id = experiment_id, parent_run_id
+        existing = find_child_run(self.client, experiment_id, parent_run_id, self.name)
+        if existing is not None:
+            self.run_id, self.resumed, self.status = existing.info.run_id, True, existing.info.status
+            self._logged_steps = {int(m.step) for m in self.client.get_metric_history(self.run_id, SENTINEL_METRIC)}
+            self._log_params(known=set(existing.data.params))
+        else:
+            self._create()
+
+    @property
+    def logged_steps(self) -> set[int]:
+        return set(self._logged_steps)
+
+    def _create(self) -> None:
+        cfg, spec = self.spec["config"], self.spec
+        tags = {"mlflow.parentRunId": self.parent_run_id, "run_kind": "trial", "trial": self.name,
+                "method": str(cfg.get("method")), "suite": str(cfg.get("suite")), "variant": variant_of(cfg),
+                "order": str(spec.get("order_name", spec.get("order"))), "seed": str(spec.get("seed")),
+                "config_hash": config_digest(cfg), "mlflow.source.git.commit": git_commit(), **self.extra_tags}
+        run = self.client.create_run(self.experiment_id, run_name=self.name, tags=tags)
+        self.run_id = run.info.run_id
+        self._log_params(known=set())
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "config.yaml"
+            path.write_text(yaml.safe_dump(_plain(cfg), sort_keys=True))
+            self.client.log_artifact(self.run_id, str(path))
+        self._log_dataset()
+
+    def _log_params(self, known: set[str]) -> None:
+        cfg, spec = self.spec["config"], self.spec
+        params = flatten_params(cfg)
+        params.update({"trial_name": spec["name"], "order": _param_value(spec.get("order")),
+                       "order_name": str(spec.get("order_name")), "seed": str(spec.get("seed")),
+                       "world_size": str(cfg.get("num_workers", 1))})
+        params.update(provenance())
+        # Params are immutable in MLflow: a resumed run keeps the values it started with, only new keys land.
+        new = [(k, v) for k, v in sorted(params.items()) if k not in known]
+        log_params(self.client, self.run_id, new)
+
+    def _log_dataset(self) -> None:
+        """mlflow.log_input of a one-row descriptor (name = dataset, digest of the descriptor), never the images.
+        Best effort: a dataset that cannot be described leaves a tag instead of stopping the trial's logging."""
+        import warnings
+
+        import mlflow.data
+        from mlflow.entities import DatasetInput, InputTag
+
+        cfg = self.spec["config"]
+        try:
+            frame = dataset_descriptor(cfg, self.spec)
+            digest = hashlib.sha1(frame.to_json(orient="records").encode()).hexdigest()[:8]
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")   # source-resolution and schema hints about a 1-row descriptor
+                dataset = mlflow.data.from_pandas(frame, source=str(cfg.get("data_path") or cfg.get("dataset")),
+                                                  name=str(cfg.get("dataset")), digest=digest)
+            self.client.log_inputs(self.run_id, [DatasetInput(dataset._to_mlflow_entity(),
+                                                              [InputTag("mlflow.data.context", "train")])])
+        except Exception as exc:  # noqa: BLE001
+            self.client.set_tag(self.run_id, "dataset_log_error", _one_line(exc, 200))
+
+    def log_task(self, row: dict) -> bool:
+        """Metrics of one finished task (step = task index); False when skipped (rank != 0 or already logged)."""
+        if not self.enabled:
+            return False
+        step = int(row["task"])
+        if step in self._logged_steps:
+            return False
+        if self.status != STATUS_RUNNING:     # a failed or interrupted trial is being retried: running again
+            self.client.update_run(self.run_id, status=STATUS_RUNNING)
+            self.status = STATUS_RUNNING
+        log_metrics(self.client, self.run_id, row_metrics(row), step)
+        self._logged_steps.add(step)
+        return True
+
+    def finish(self, result: dict) -> None:
+        """End of the trial: backfill missing steps, summary metrics, artifacts, then FINISHED or FAILED."""
+        if not self.enabled:
+            return
+        from harness import plots
+
+        ok = result.get("status") == "finished"
+        for row in result.get("history") or []:
+            self.log_task(row)
+        summary = result.get("metrics") or {}
+        final = summary_metrics(summary)
+        for key in ("wall_time_s", "parameters", "num_tasks", "world_size"):
+            if _finite(result.get(key)):
+                final[{"parameters": "final_parameters"}.get(key, key)] = float(result[key])
+        last_step = max(self._logged_steps) if self._logged_steps else 0
+        log_metrics(self.client, self.run_id, final, last_step)
+        tags = {"result_status": str(result.get("status")), "launcher": str(result.get("launcher", ""))}
+        if summary:
+            tags.update(main_head=next(iter(summary)), heads=json.dumps(list(summary)))
+        if result.get("error"):
+            tags["error"] = str(result["error"])[:MAX_TAG_VALUE]
+        for key, value in tags.items():
+            self.client.set_tag(self.run_id, key, value)
+
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp_path = Path(tmp)
+            cfg = result.get("config") or self.spec["config"]
+            for i, (head, values) in enumerate(summary.items()):
+                matrix = values.get("accuracy_matrix")
+                if not matrix:
+                    continue
+                suffix = "" if i == 0 else f"_{head}"
+                accuracy_matrix_frame(matrix).to_csv(tmp_path / f"accuracy_matrix{suffix}.csv")
+                fig = plots.accuracy_matrix_figure(matrix, title=f"{self.name} ({head})")
+                plots.save_png(fig, tmp_path / f"accuracy_matrix{suffix}.png")
+            curves = [plots.Curve(head, classes_seen(cfg, len(v.get("accuracies") or [])), v["accuracies"])
+                      for head, v in summary.items() if v.get("accuracies")]
+            if curves:
+                plots.save_png(plots.accuracy_curve_figure(curves, title=self.name), tmp_path / "accuracy_curve.png")
+            (tmp_path / "result.json").write_text(json.dumps(_plain(result), indent=2, default=str))
+            for path in sorted(tmp_path.iterdir()):
+                self.client.log_artifact(self.run_id, str(path))
+        self.status = STATUS_FINISHED if ok else STATUS_FAILED
+        self.client.set_terminated(self.run_id, self.status)
+        self.closed = True
+
+
+def find_child_run(client: "MlflowClient", experiment_id: str, parent_run_id: str, name: str):
+    """The child run of trial `name` under the parent (the most recent one if several), or None."""
+    runs = client.search_runs([experiment_id], filter_string=(
+        f"tags.`mlflow.parentRunId` = '{_escape(parent_run_id)}' and tags.trial = '{_escape(name)}'"),
+        order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0] if runs else None
+
+
+def log_params(client: "MlflowClient", run_id: str, params: list[tuple[str, str]]) -> None:
+    from mlflow.entities import Param
+
+    for i in range(0, len(params), MAX_PARAMS_PER_BATCH):
+        client.log_batch(run_id, params=[Param(k, v) for k, v in params[i: i + MAX_PARAMS_PER_BATCH]])
+
+
+def log_metrics(client: "MlflowClient", run_id: str, metrics: dict[str, float], step: int) -> None:
+    """One batch per step (split only above MLflow's 1000-metric limit), the sentinel metric last: once it is
+    in the store, the whole step is (a batch is one transaction)."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    items = sorted(metrics.items(), key=lambda kv: kv[0] == SENTINEL_METRIC)
+    entities = [Metric(k, v, now, int(step)) for k, v in items]
+    for i in range(0, len(entities), MAX_METRICS_PER_BATCH):
+        client.log_batch(run_id, metrics=entities[i: i + MAX_METRICS_PER_BATCH])
+
+
+def _plain(value: Any) -> Any:
+    """YAML/JSON-safe copy (tuples -> lists, numpy scalars -> Python)."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+        return value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Driver-side benchmark tracker (what harness.launch.TrialEvents calls)
+# ---------------------------------------------------------------------------------------------------------
+class BenchmarkTracker:
+    """The parent run of a benchmark and its trials' loggers. Implements harness.launch's TrialLogger protocol
+    (`log_task(spec, row)`, `log_trial(spec, result)`), so `TrialEvents(log, tracker=tracker)` wires it in.
+
+    A logging failure mid-benchmark prints one warning line and training goes on (results are in result.json;
+    rerunning the same command backfills MLflow from them). Failures before training raise ResourceError.
+    """
+
+    def __init__(self, uri: str, experiment: str, experiment_id: str, parent_run_id: str, output_dir: Path,
+                 client: "MlflowClient", log: Callable[[str], None] = print, name: str = "") -> None:
+        self.uri, self.experiment, self.experiment_id, self.name = uri, experiment, experiment_id, name
+        self.parent_run_id, self.output_dir, self.client, self.log = parent_run_id, output_dir, client, log
+        self._trials: dict[str, TrialLogger] = {}
+        self.paused = False
+
+    @classmethod
+    def for_benchmark(cls, uri: str | None, output_dir: str | Path, config: dict, specs: list[dict] | None = None,
+                      experiment: str = DEFAULT_EXPERIMENT, tags: dict[str, str] | None = None,
+                      log: Callable[[str], None] = print, timeout: float = 5.0) -> "BenchmarkTracker":
+        """Check the store (ResourceError before any training), then create or continue the parent run."""
+        output_dir = Path(output_dir).resolve()
+        uri = resolve_tracking_uri(uri, output_dir)
+        if is_server(uri):
+            # MLflow's HTTP defaults (7 retries with backoff, 120 s timeout) would stall a benchmark for minutes
+            # when the server dies mid-run; the user's own settings win.
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+            os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")   # 2 lines per run otherwise
+        experiment_id = check_tracking(uri, experiment, timeout=timeout)
+        client = make_client(uri)
+        name = benchmark_name(config, specs)
+        try:
+            found = client.search_runs([experiment_id], filter_string=(
+                f"tags.run_kind = 'benchmark' and tags.benchmark = '{_escape(name)}'"),
+                order_by=["attributes.start_time DESC"], max_results=1)
+            if found:
+                parent = found[0].info.run_id
+                client.update_run(parent, status=STATUS_RUNNING)
+                known = set(found[0].data.params)
+            else:
+                parent = client.create_run(experiment_id, run_name=name, tags={
+                    "run_kind": "benchmark", "benchmark": name, "method": str(config.get("method")),
+                    "suite": str(config.get("suite")), "variant": variant_of(config),
+                    "config_hash": config_digest(config), "output_dir": str(output_dir),
+                    "mlflow.source.git.commit": git_commit(), **(tags or {})}).info.run_id
+                known = set()
+                with tempfile.TemporaryDirectory() as tmp:
+                    path = Path(tmp) / "config.yaml"
+                    path.write_text(yaml.safe_dump(_plain(config), sort_keys=True))
+                    client.log_artifact(parent, str(path))
+            params = flatten_params(config)
+            params.update({"num_trials": str(len(specs or []))})
+            params.update(provenance())
+            log_params(client, parent, [(k, v) for k, v in sorted(params.items()) if k not in known])
+        except Exception as exc:  # noqa: BLE001
+            raise ResourceError(f"cannot create the benchmark run in {uri} ({_one_line(exc)}); check the tracking "
+                                "store or drop --tracking-uri") from None
+        where = f"{uri}/#/experiments/{experiment_id}/runs/{parent}" if is_server(uri) else f"{uri} run {parent}"
+        log(f"mlflow: {where} (experiment {experiment!r}, benchmark {name})")
+        return cls(uri, experiment, experiment_id, parent, output_dir, client, log, name)
+
+    # ---- per trial ---------------------------------------------------------------------------------
+    def trial_logger(self, spec: dict, rank: int = 0) -> TrialLogger:
+        """The (cached) logger of a trial; a no-op logger for rank != 0."""
+        if rank != 0:
+            return TrialLogger(self.client, self.experiment_id, self.parent_run_id, spec, rank)
+        if spec["name"] not in self._trials:
+            self._trials[spec["name"]] = TrialLogger(self.client, self.experiment_id, self.parent_run_id, spec,
+                                                     tags={"benchmark": self.name} if self.name else None)
+        return self._trials[spec["name"]]
+
+    def log_task(self, spec: dict, row: dict) -> None:
+        self._guard("task", lambda: self.trial_logger(spec).log_task(row))
+
+    def log_trial(self, spec: dict, result: dict) -> None:
+        self._guard("trial", lambda: self.trial_logger(spec).finish(result))
+
+    def _guard(self, what: str, fn: Callable[[], Any]) -> bool:
+        """Run one logging call; on failure warn once and pause live logging (a dead server would otherwise
+        stall every task on MLflow's HTTP retries). end_benchmark tries once more, backfilling from results."""
+        if self.paused:
+            return False
+        try:
+            fn()
+            return True
+        except Exception as exc:  # noqa: BLE001 -- tracking must never kill a benchmark that is training
+            self.paused = True
+            self.log(f"warning: MLflow logging ({what}) failed: {_one_line(exc, 200)}; MLflow logging paused, "
+                     "training goes on (results stay in trials/*/result.json; the end of the benchmark or a rerun "
+                     "of the same command backfills MLflow)")
+            return False
+
+    def _backfill(self, spec: dict, result: dict) -> None:
+        """Log a trial from its result unless the store already has it as it ended."""
+        logger = self.trial_logger(spec)
+        if logger.closed or logger.status == STATUS_FINISHED:
+            return
+        if logger.resumed and logger.status in (STATUS_FAILED, STATUS_KILLED) and result.get("status") != "finished":
+            return
+        logger.finish(result)
+
+    # ---- end of the benchmark ---------------------------------------------------------------------
+    def end_benchmark(self, results: list[dict], specs: list[dict] | None = None,
+                      status: str | None = None) -> "pd.DataFrame | None":
+        """Backfill trials not logged yet (skipped as already finished, or logged elsewhere), log the
+        benchmark's accuracy-curve plot (one mean curve per method) and its leaderboard on the parent run,
+        close the parent (FAILED if any trial failed). Returns the leaderboard of this benchmark."""
+        from harness import plots, report
+
+        by_name = {s["name"]: s for s in specs or []}
+        self.paused = False             # one more chance for a store that failed mid-benchmark
+        for result in results:
+            spec = by_name.get(result.get("name")) or _spec_from_result(result)
+            if spec is not None:
+                self._guard("backfill", lambda spec=spec, result=result: self._backfill(spec, result))
+        if self.paused:
+            return None
+        failed = sum(1 for r in results if r.get("status") != "finished")
+        table = None
+
+        def close() -> None:
+            nonlocal table
+            with tempfile.TemporaryDirectory() as tmp:
+                tmp_path = Path(tmp)
+                curves = plots.mean_accuracy_curves(results)
+                if curves:
+                    fig = plots.accuracy_curve_figure(curves, title=benchmark_title(results))
+                    plots.save_png(fig, tmp_path / "accuracy_curve.png")
+                table = report.leaderboard(self.uri, self.experiment,
+                                           filter=f"tags.`mlflow.parentRunId` = '{_escape(self.parent_run_id)}'")
+                report.write_leaderboard(table, tmp_path)
+                for path in sorted(tmp_path.iterdir()):
+                    self.client.log_artifact(self.parent_run_id, str(path))
+            log_metrics(self.client, self.parent_run_id,
+                        {"trials_finished": float(len(results) - failed), "trials_failed": float(failed)}, 0)
+            self.client.set_terminated(self.parent_run_id, status or (STATUS_FAILED if failed else STATUS_FINISHED))
+
+        self._guard("end of benchmark", close)
+        return table
+
+
+def benchmark_title(results: list[dict]) -> str:
+    suites = sorted({str(r.get("suite")) for r in results})
+    return f"accuracy per step: {', '.join(suites)}"
+
+
+def _spec_from_result(result: dict) -> dict | None:
+    """Enough of a spec to log a trial known only from its result.json (skipped trials)."""
+    if not result.get("name") or not isinstance(result.get("config"), dict):
+        return None
+    return {"name": result["name"], "order": result.get("order"), "order_name": result.get("order"),
+            "seed": result.get("seed"), "config": result["config"]}

@@ -1,0 +1,245 @@
+"""Leaderboard from a real sqlite MLflow store: hand-computed means and sample stds, failed trials shown and
+never averaged in, published numbers and differences, Markdown without tabulate, curve plots."""
+from __future__ import annotations
+
+import math
+import statistics
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+mlflow = pytest.importorskip("mlflow")
+
+from harness import plots  # noqa: E402
+from harness.errors import ConfigError  # noqa: E402
+from harness.report import (PUBLISHED, find_published, leaderboard, load_published, main,  # noqa: E402
+                            summarize, to_markdown)
+from harness.tracking import BenchmarkTracker  # noqa: E402
+from test_tracking import color_pixels, make_config, make_result, make_specs  # noqa: E402
+
+REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
+
+# CIFAR-100 B0 10 steps, per-step accuracies of each trial
+ICARL_1 = [90.0, 84.0, 78.0, 73.0, 69.0, 65.0, 62.0, 58.0, 55.0, 52.0]   # AIA 68.6, last 52
+ICARL_2 = [89.0, 82.0, 77.0, 72.0, 68.0, 64.0, 60.0, 57.0, 54.0, 51.0]   # AIA 67.4, last 51
+ICARL_3 = [91.0, 85.0, 79.0, 74.0, 70.0, 66.0, 63.0, 59.0, 56.0, 53.0]   # fails after task 3
+DER_1 = [92.0, 88.0, 84.0, 81.0, 78.0, 76.0, 74.0, 72.0, 70.0, 68.0]     # AIA 78.3, last 68
+DER_2 = [93.0, 87.0, 85.0, 80.0, 79.0, 75.0, 73.0, 71.0, 69.0, 66.0]     # AIA 77.8, last 66
+
+
+def cifar100_config(method: str) -> dict:
+    return make_config(method, suite="cifar100", dataset="cifar100", initial_increment=10, increment=10,
+                       memory_size=2000, orders=["order1", "order2", "order3"], seeds=[1993], class_order=None,
+                       recipe_files=[f"benchmarks/recipes/{method}/default.yaml"])
+
+
+def log_benchmark(out: Path, config: dict, specs: list[dict], results: list[dict]) -> BenchmarkTracker:
+    tracker = BenchmarkTracker.for_benchmark(None, out, config, specs, log=lambda _: None)
+    for spec, result in zip(specs, results):
+        for row in result.pop("_rows", None) or result.get("history", []):
+            tracker.log_task(spec, row)
+        tracker.log_trial(spec, result)
+    tracker.end_benchmark(results, specs)
+    return tracker
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """iCaRL (2 finished, 1 failed) and DER (2 finished) on CIFAR-100, plus iCaRL order1 logged AGAIN under
+    a second benchmark run (same trial, same config): it must count once."""
+    out = tmp_path_factory.mktemp("report")
+    icarl = cifar100_config("icarl")
+    specs = make_specs(icarl, [("order1", 1993), ("order2", 1993), ("order3", 1993)], tag="1ca21ca2")
+    log_benchmark(out, icarl, specs, [make_result(specs[0], ICARL_1, wall=600.0),
+                                      make_result(specs[1], ICARL_2, wall=620.0),
+                                      make_result(specs[2], ICARL_3, fail_after=3)])
+    log_benchmark(out, icarl, specs[:1], [make_result(specs[0], ICARL_1, wall=600.0)])
+    der = cifar100_config("der")
+    dspecs = make_specs(der, [("order1", 1993), ("order2", 1993)], tag="de2de2de")
+    log_benchmark(out, der, dspecs, [make_result(dspecs[0], DER_1, wall=900.0),
+                                     make_result(dspecs[1], DER_2, wall=950.0)])
+    return out, f"sqlite:///{out}/mlflow.db"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Published numbers
+# ---------------------------------------------------------------------------------------------------------
+def test_published_numbers_are_the_reference_ones():
+    entries = load_published()
+
+    def pub(method, suite, variant=None):
+        e = find_published(entries, method, suite, variant)
+        return (e["avg_inc_acc"], e["last_acc"]) if e else None
+
+    assert pub("dytox", "cifar100") == (71.50, 57.76) == pub("dytox", "cifar100-10steps")
+    assert pub("dytox", "cifar100-20steps") == (68.86, 51.47)
+    assert pub("dytox", "cifar100-50steps") == (64.82, 45.61)
+    dytox = find_published(entries, "dytox", "cifar100", None)
+    assert "erratum" in dytox["source"] and "distributed memory" in dytox["note"]
+    assert pub("dytox", "cifar100", "plus") == (74.10, 62.34)              # DyTox+ erratum, via an alias
+    assert pub("dytox", "cifar100", "erratum-globalmem") == (67.33, 51.68)
+    icarl = [pub("icarl", f"cifar100-{n}steps") for n in (10, 20, 50)]
+    assert icarl == [(65.27, 50.74), (61.20, 43.75), (56.08, 36.62)]
+    der = [pub("der", f"cifar100-{n}steps") for n in (10, 20, 50)]
+    assert der == [(75.36, 65.22), (74.09, 62.48), (72.41, 59.08)]
+    assert pub("dytox", "imagenet100") == (73.96, 62.20)
+    assert pub("dytox", "imagenet1000") == (68.14, 59.75)                   # distMem is "TBD" in the erratum
+    assert pub("icarl", "imagenet1000") == (38.40, 22.70)
+    assert pub("replay", "cifar100") is None and pub("dytox", "cifar10-mini") is None
+    # one primary entry per method x suite, every entry with a source
+    primaries = [(e["method"], s) for e in entries if e.get("primary") for s in e["suites"]]
+    assert len(primaries) == len(set(primaries))
+    assert all(e["source"].strip() for e in entries)
+
+
+@pytest.mark.skipif(not REFERENCE.is_dir(), reason=f"reference notes not found: {REFERENCE}")
+def test_every_published_number_is_in_the_reference_notes():
+    """No number from memory: each one appears verbatim (2 decimals) in ../shared/reference."""
+    text = "\n".join(p.read_text() for p in sorted(REFERENCE.glob("*.md")))
+    for e in load_published():
+        for key, value in e.items():
+            if isinstance(value, float):
+                assert f"{value:.2f}" in text, f"{e['method']} {e['suites']} {e['variant']} {key}={value}"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Summaries without MLflow
+# ---------------------------------------------------------------------------------------------------------
+def _trial(method, order, status, aia=math.nan, last=math.nan, params=1e6, wall=100.0, world=1, error=None):
+    return {"trial": f"{method}_{order}", "run_id": order, "method": method, "suite": "cifar100", "variant": "default",
+            "config_hash": "h", "order": order, "seed": "1993", "status": status, "start_time": 0, "error": error,
+            "parameters": params, "wall_time_s": wall, "world_size": world, "initial_increment": "10",
+            "increment": "10", "avg_inc_acc": aia, "last_acc": last, "forgetting": math.nan,
+            "top5_avg_inc_acc": math.nan, "top5_last_acc": math.nan}
+
+
+def test_summarize_means_stds_and_failures():
+    trials = pd.DataFrame([_trial("icarl", "order1", "FINISHED", 66.0, 51.0, world=2),
+                           _trial("icarl", "order2", "FINISHED", 64.0, 49.5, world=2),
+                           _trial("icarl", "order3", "FINISHED", 65.5, 50.0, world=2),
+                           _trial("icarl", "order4", "FAILED", 10.0, 5.0, error="OOM"),
+                           _trial("icarl", "order5", "RUNNING", 99.0, 99.0)])
+    row = summarize(trials, load_published()).iloc[0]
+    assert (row["trials"], row["finished"], row["failed"], row["unfinished"]) == (5, 3, 1, 1)
+    assert row["avg_inc_acc_mean"] == pytest.approx(statistics.mean([66.0, 64.0, 65.5]))     # 65.1667
+    assert row["avg_inc_acc_std"] == pytest.approx(statistics.stdev([66.0, 64.0, 65.5]))     # ddof=1
+    assert row["last_acc_std"] == pytest.approx(statistics.stdev([51.0, 49.5, 50.0]))
+    assert row["published_avg_inc_acc"] == 65.27 and row["published_last_acc"] == 50.74
+    assert row["diff_avg_inc_acc"] == pytest.approx(statistics.mean([66.0, 64.0, 65.5]) - 65.27)
+    assert row["compute_h"] == pytest.approx(3 * 100.0 * 2 / 3600)     # finished trials, worker-hours
+    assert "order4 seed 1993: FAILED (OOM)" in row["not_finished_trials"]
+    assert "order5 seed 1993: RUNNING" in row["not_finished_trials"]
+    md = to_markdown(summarize(trials, load_published()))
+    lines = md.splitlines()
+    assert lines[0].startswith("| Method | Suite | Variant |") and set(lines[1]) <= {"|", "-"}
+    assert "| icarl | cifar100 | default | 3 | 1 | 1 | 65.17 ± 1.04 | 50.17 ± 0.76 |" in lines[2]
+    assert "65.27 / 50.74 (resnet18)" in lines[2] and "-0.10 / -0.57" in lines[2]
+    assert "Failed or unfinished trials (not averaged in):" in md
+
+
+def test_single_trial_has_no_std():
+    row = summarize(pd.DataFrame([_trial("icarl", "order1", "FINISHED", 66.0, 51.0)]), []).iloc[0]
+    assert row["avg_inc_acc_mean"] == 66.0 and math.isnan(row["avg_inc_acc_std"])
+    one = summarize(pd.DataFrame([_trial("icarl", "o", "FINISHED", 66.0, 51.0)]), [])
+    assert "| 66.00 | 51.00 |" in to_markdown(one)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# From the store
+# ---------------------------------------------------------------------------------------------------------
+def test_report_cli_writes_the_hand_computed_leaderboard(store, capsys):
+    out, uri = store
+    assert main(["--tracking-uri", uri, "--output-dir", str(out / "table"), "--experiment", "clbench"]) == 0
+    csv = pd.read_csv(out / "table" / "leaderboard.csv").set_index("method")
+    assert sorted(csv.index) == ["der", "icarl"]
+    icarl, der = csv.loc["icarl"], csv.loc["der"]
+    # iCaRL: order3 failed (counted, not averaged); order1 logged twice (counted once)
+    assert (icarl["trials"], icarl["finished"], icarl["failed"], icarl["unfinished"]) == (3, 2, 1, 0)
+    aia = [sum(ICARL_1) / 10, sum(ICARL_2) / 10]                              # 68.6, 67.4
+    assert icarl["avg_inc_acc_mean"] == pytest.approx(68.0) == pytest.approx(statistics.mean(aia))
+    assert icarl["avg_inc_acc_std"] == pytest.approx(statistics.stdev(aia)) == pytest.approx(1.2 / 2 ** 0.5)
+    assert icarl["last_acc_mean"] == pytest.approx(51.5)
+    assert icarl["last_acc_std"] == pytest.approx(statistics.stdev([52.0, 51.0]))
+    assert icarl["nme_avg_inc_acc_mean"] == pytest.approx(68.0 - 1.5)
+    assert icarl["published_avg_inc_acc"] == 65.27 and icarl["published_last_acc"] == 50.74
+    assert icarl["diff_avg_inc_acc"] == pytest.approx(68.0 - 65.27)
+    assert icarl["diff_last_acc"] == pytest.approx(51.5 - 50.74)
+    assert "iCaRL 10 steps" in icarl["published_source"]
+    assert icarl["compute_h"] == pytest.approx((600.0 + 620.0) * 2 / 3600)
+    assert icarl["parameters"] == 464_154 + 130 * 9
+    assert "order3 seed 1993: FAILED" in icarl["not_finished_trials"]
+    assert (der["finished"], der["failed"]) == (2, 0)
+    assert der["avg_inc_acc_mean"] == pytest.approx(statistics.mean([78.3, 77.8]))
+    assert der["avg_inc_acc_std"] == pytest.approx(statistics.stdev([78.3, 77.8]))
+    assert der["last_acc_mean"] == pytest.approx(67.0) and der["published_last_acc"] == 65.22
+    assert der["diff_last_acc"] == pytest.approx(67.0 - 65.22)
+
+    md = (out / "table" / "leaderboard.md").read_text()
+    assert "| icarl | cifar100 | default | 2 | 1 | 0 | 68.00 ± 0.85 | 51.50 ± 0.71 |" in md
+    assert "| der | cifar100 | default | 2 | 0 | 0 | 78.05 ± 0.35 | 67.00 ± 1.41 |" in md
+    assert "- icarl cifar100 default: order order3 seed 1993: FAILED (RuntimeError: CUDA error" in md
+    assert md.strip().splitlines()[0] in capsys.readouterr().out
+
+    # the suite's curve plot: one mean curve per method -> 2 curves (tab10 C0 and C1), nothing in C2
+    png = out / "table" / "accuracy_curves_cifar100.png"
+    assert color_pixels(png, plots.TAB10[0]) > 50 and color_pixels(png, plots.TAB10[1]) > 50
+    assert color_pixels(png, plots.TAB10[2]) == 0
+
+
+def test_leaderboard_filter_and_errors(store, tmp_path):
+    out, uri = store
+    only_der = leaderboard(uri, filter="tags.method = 'der'")
+    assert list(only_der["method"]) == ["der"]
+    with pytest.raises(ConfigError, match="no MLflow experiment 'nope'"):
+        leaderboard(uri, "nope")
+    with pytest.raises(ConfigError, match="bad --filter"):
+        leaderboard(uri, filter="this is not a filter")
+    # nothing matches: exit status 1, no table written
+    assert main(["--tracking-uri", uri, "--output-dir", str(tmp_path), "--filter", "tags.method = 'x'"]) == 1
+    assert not (tmp_path / "leaderboard.csv").exists()
+    # a store that does not exist is an error, and reading it must not create it
+    missing = tmp_path / "none" / "mlflow.db"
+    assert main(["--tracking-uri", f"sqlite:///{missing}", "--output-dir", str(tmp_path)]) == 2
+    assert not missing.exists()
+
+
+def test_published_file_is_the_default():
+    assert PUBLISHED.name == "published.yaml" and PUBLISHED.parent.name == "benchmarks"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Plots
+# ---------------------------------------------------------------------------------------------------------
+def test_plot_functions_draw_the_expected_artists(tmp_path):
+    import matplotlib.image
+
+    curves = [plots.Curve(f"m{i}", [10, 20, 30], [90 - i, 80 - i, 70 - i], std=[1, 1, 1] if i else None)
+              for i in range(3)]
+    fig = plots.accuracy_curve_figure(curves, title="t")
+    ax = fig.axes[0]
+    assert len(ax.get_lines()) == 3 and [t.get_text() for t in ax.get_legend().get_texts()] == ["m0", "m1", "m2"]
+    assert list(ax.get_lines()[1].get_ydata()) == [89, 79, 69]
+    png = plots.save_png(fig, tmp_path / "c.png")
+    assert matplotlib.image.imread(str(png)).shape[2] in (3, 4)
+
+    matrix = [[90.0, None, None], [70.0, 80.0, None], [60.0, 65.0, 75.0]]
+    heat = plots.accuracy_matrix_figure(matrix)
+    hax = heat.axes[0]
+    assert len(hax.get_images()) == 1
+    assert sorted(t.get_text() for t in hax.texts) == sorted(["90.0", "70.0", "80.0", "60.0", "65.0", "75.0"])
+    data = hax.get_images()[0].get_array()
+    assert data.mask[0, 1] and not data.mask[1, 1] and data[2, 0] == 60.0
+    plots.save_png(heat, tmp_path / "h.png")
+    assert matplotlib.image.imread(str(tmp_path / "h.png")).ndim == 3
+
+
+def test_mean_curves_leave_failed_trials_out():
+    config = cifar100_config("icarl")
+    specs = make_specs(config, [("order1", 1993), ("order2", 1993), ("order3", 1993)])
+    results = [make_result(specs[0], ICARL_1), make_result(specs[1], ICARL_2), make_result(specs[2], ICARL_3, 3)]
+    curves = plots.mean_accuracy_curves(results)
+    assert len(curves) == 1 and curves[0].label == "icarl (n=2)"
+    assert list(curves[0].x) == [10 * (t + 1) for t in range(10)]
+    assert curves[0].y == pytest.approx([(a + b) / 2 for a, b in zip(ICARL_1, ICARL_2)])
+    assert curves[0].std == pytest.approx([statistics.stdev([a, b]) for a, b in zip(ICARL_1, ICARL_2)])
