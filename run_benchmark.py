@@ -43,6 +43,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-workers", type=int, help="DDP workers per trial")
     p.add_argument("--device", help="auto | cpu | cuda")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    r = p.add_argument_group("launcher (Ray by default; see docs/CLUSTER.md)")
+    r.add_argument("--launcher", choices=["ray", "local"], default="ray",
+                   help="ray: each trial a Ray Train DDP job under a Ray Tune grid (default); "
+                        "local: one trial after another in this process")
+    r.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else start Ray on this machine)")
+    r.add_argument("--max-concurrent-trials", type=int, metavar="N",
+                   help="trials running at once (default: as many as the cluster holds)")
+    r.add_argument("--cpus-per-worker", type=float, metavar="X",
+                   help="CPUs Ray reserves per DDP worker, fractions allowed (default: fit the cluster)")
+    r.add_argument("--gpus-per-worker", type=float, metavar="X",
+                   help="GPUs per DDP worker (default: 1 when the cluster has GPUs, else 0)")
+    r.add_argument("--max-failures", type=int, default=2, metavar="N",
+                   help="restarts of a failed trial from its last finished task (Ray; default 2)")
+    r.add_argument("--verbose", action="store_true", help="show Ray's own logs and progress output")
     p.add_argument("--list-methods", action="store_true", help="list registered methods and exit")
     p.add_argument("--list-suites", action="store_true", help="list suites and exit")
     return p
@@ -55,6 +69,7 @@ def overrides_from_args(args: argparse.Namespace, config_defaults: dict) -> dict
     out = {"data_path": str(Path(args.data_path).resolve()) if args.data_path else None,
            "download": True if args.download else None, "batch_size": args.batch_size,
            "memory_size": args.memory_size, "num_workers": args.num_workers, "device": args.device,
+           "cpus_per_worker": args.cpus_per_worker, "gpus_per_worker": args.gpus_per_worker,
            "orders": args.orders, "seeds": args.seeds}
     if args.lr is not None:
         out.update(lr=args.lr, incremental_lr=args.lr)
@@ -95,10 +110,17 @@ def main(argv: list[str] | None = None) -> int:
     if not args.method or not args.suite:
         build_parser().error("--method and --suite are required (see --list-methods, --list-suites)")
 
-    from harness.launch import run_local
+    from harness.launch import LaunchOptions, launch
     from harness.results import summary_table, to_markdown, write_json
     from harness.trials import expand_trials
 
+    from harness.errors import ConfigError
+    if args.max_concurrent_trials is not None and args.max_concurrent_trials < 1:
+        raise ConfigError(f"--max-concurrent-trials must be >= 1, got {args.max_concurrent_trials}")
+    if args.max_failures < -1:
+        raise ConfigError(f"--max-failures must be >= 0 (or -1: retry forever), got {args.max_failures}")
+    if args.launcher == "local" and args.address:
+        raise ConfigError("--address joins a Ray cluster: use it with --launcher ray (the default)")
     config = resolve_config(args.method, args.suite, args.options, overrides_from_args(args, {}), args.recipe)
     if args.epochs is not None:
         apply_epochs(config, args.epochs)
@@ -109,7 +131,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(specs)} trial(s): {args.method} on {config['suite']} "
           f"(orders {', '.join(s['order_name'] for s in specs[::len(config['seeds'])])}; seeds {config['seeds']}) "
           f"-> {output_dir}")
-    results = run_local(specs, output_dir, progress=not args.quiet and sys.stderr.isatty())
+    options = LaunchOptions(launcher=args.launcher, address=args.address,
+                            max_concurrent_trials=args.max_concurrent_trials, max_failures=args.max_failures,
+                            verbose=args.verbose)
+    results = launch(specs, output_dir, options, progress=not args.quiet and sys.stderr.isatty())
     table = summary_table(results)
     output_dir.mkdir(parents=True, exist_ok=True)
     table.to_csv(output_dir / "summary.csv", index=False)

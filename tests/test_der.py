@@ -1,0 +1,261 @@
+"""DER (Dynamically Expandable Representation): freezing, BN, growth, weight aligning, aux targets, decouple."""
+import io
+
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+from harness.backbones import build_backbone
+from harness.loop import train_phase
+from harness.method import PhaseConfig, TaskInfo
+from harness.runtime import RuntimeContext
+from methods.der import DER, DERNet, aux_targets
+
+
+def _task(t: int, per_task: int = 2, tasks: int = 3) -> TaskInfo:
+    return TaskInfo(task_id=t, num_tasks=tasks, new_classes=tuple(range(t * per_task, (t + 1) * per_task)),
+                    num_old_classes=t * per_task, num_total_classes=tasks * per_task)
+
+
+def _config(**kw) -> dict:
+    cfg = {"backbone": "tiny_cnn", "backbone_width": 4, "batch_size": 8, "momentum": 0.9, "weight_decay": 0.0,
+           "memory_size": 20, "aux_weight": 1.0, "weight_align": True, "decouple_epochs": 0, "decouple_lr": 0.1,
+           "decouple_milestones": [], "decouple_temperature": 5.0, "reuse_old_classifier": True}
+    cfg.update(kw)
+    return cfg
+
+
+def _der(**kw) -> DER:
+    torch.manual_seed(0)
+    method = DER(_config(**kw), torch.device("cpu"))
+    method.build()
+    return method
+
+
+def _bn_stats(module: torch.nn.Module) -> list[torch.Tensor]:
+    return [b.clone() for name, b in module.named_buffers() if "running" in name or "num_batches" in name]
+
+
+def test_aux_targets_map_old_classes_to_zero_and_new_to_one_onwards():
+    y = torch.tensor([0, 3, 4, 5, 6, 1])
+    assert aux_targets(y, 4).tolist() == [0, 0, 1, 2, 3, 0]
+    assert aux_targets(y, 0).tolist() == [1, 4, 5, 6, 7, 2]
+
+
+def test_new_extractor_copies_the_last_one_and_old_extractors_get_no_gradient():
+    method = _der()
+    method.before_task(_task(0))
+    first = method.model.extractors[0]
+    with torch.no_grad():       # make task-0 weights differ from a fresh init
+        for p in first.parameters():
+            p.add_(0.5)
+    method.before_task(_task(1))
+    net = method.model
+    assert len(net.extractors) == 2 and net.num_frozen == 1
+    for a, b in zip(net.extractors[0].state_dict().values(), net.extractors[1].state_dict().values()):
+        assert torch.equal(a, b)                      # initialised from the previous extractor
+    assert all(not p.requires_grad for p in net.extractors[0].parameters())
+    assert all(p.requires_grad for p in net.extractors[1].parameters())
+    net.train()
+    method.net = net
+    x, y = torch.randn(8, 3, 8, 8), torch.tensor([0, 1, 2, 3, 2, 3, 0, 2])
+    method.training_step((x, y), _task(1), PhaseConfig()).backward()
+    assert all(p.grad is None for p in net.extractors[0].parameters())
+    assert all(p.grad is not None for p in net.extractors[1].parameters())
+    assert net.aux_fc.weight.grad is not None and net.aux_fc.out_features == 3
+
+
+def test_old_extractor_batchnorm_stats_do_not_move_in_training_mode():
+    method = _der()
+    method.before_task(_task(0))
+    method.before_task(_task(1))
+    method.before_task(_task(2))
+    net = method.model
+    old = [_bn_stats(e) for e in net.extractors[:2]]
+    new = _bn_stats(net.extractors[2])
+    net.train()                                       # what the loop does every phase
+    assert net.training and not net.extractors[0].training and not net.extractors[1].training
+    assert net.extractors[2].training
+    for _ in range(3):
+        net(torch.randn(8, 3, 8, 8) * 3 + 1)
+    for before, extractor in zip(old, net.extractors[:2]):
+        assert all(torch.equal(a, b) for a, b in zip(before, _bn_stats(extractor)))
+    assert not all(torch.equal(a, b) for a, b in zip(new, _bn_stats(net.extractors[2])))
+
+
+def test_parameter_growth_is_one_backbone_plus_classifier_growth():
+    method = _der()
+    backbone = build_backbone("tiny_cnn", 4)
+    size = sum(p.numel() for p in backbone.parameters())
+    d = backbone.out_dim
+    counts = []
+    for t in range(3):
+        method.before_task(_task(t))
+        counts.append(method.parameter_count())
+    assert counts[0] == size + (d * 2 + 2)
+    for t in (1, 2):
+        old_fc = (t * d) * (2 * t) + 2 * t                       # t extractors, 2t classes
+        new_fc = ((t + 1) * d) * (2 * (t + 1)) + 2 * (t + 1)
+        assert counts[t] - counts[t - 1] == size + new_fc - old_fc
+    # the aux head is training-only and not counted
+    total = sum(p.numel() for p in method.model.parameters())
+    assert total - counts[2] == sum(p.numel() for p in method.model.aux_fc.parameters())
+
+
+def test_grown_classifier_keeps_old_weights_in_the_top_left_block():
+    method = _der()
+    method.before_task(_task(0))
+    w, b = method.model.fc.weight.detach().clone(), method.model.fc.bias.detach().clone()
+    method.before_task(_task(1))
+    fc = method.model.fc
+    assert fc.weight.shape == (4, 2 * method.model.out_dim)
+    assert torch.equal(fc.weight[:2, : w.shape[1]], w) and torch.equal(fc.bias[:2], b)
+    fresh = _der(reuse_old_classifier=False)
+    fresh.before_task(_task(0))
+    w0 = fresh.model.fc.weight.detach().clone()
+    fresh.before_task(_task(1))
+    assert not torch.equal(fresh.model.fc.weight[:2, : w0.shape[1]], w0)
+
+
+def test_weight_aligning_equalises_mean_norms():
+    net = DERNet(lambda: build_backbone("tiny_cnn", 4))
+    net.add_task(2)
+    net.add_task(3)
+    with torch.no_grad():
+        net.fc.weight[2:] *= 7.0                      # new classes' rows much larger, as after training
+    norms = net.fc.weight.detach().norm(dim=1)
+    expected = float(norms[:2].mean() / norms[2:].mean())
+    old_rows = net.fc.weight[:2].detach().clone()
+    gamma = net.weight_align(3)
+    norms = net.fc.weight.detach().norm(dim=1)
+    assert gamma == pytest.approx(expected, rel=1e-6)
+    assert norms[:2].mean().item() == pytest.approx(norms[2:].mean().item(), rel=1e-5)
+    assert torch.equal(net.fc.weight[:2], old_rows)
+
+
+def test_after_task_aligns_only_incremental_tasks():
+    method = _der()
+    method.before_task(_task(0))
+    w = method.model.fc.weight.detach().clone()
+    method.after_task(_task(0))
+    assert torch.equal(method.model.fc.weight, w) and method.gammas == []
+    method.before_task(_task(1))
+    method.after_task(_task(1))
+    assert len(method.gammas) == 1
+    off = _der(weight_align=False)
+    off.before_task(_task(0))
+    off.before_task(_task(1))
+    w = off.model.fc.weight.detach().clone()
+    off.after_task(_task(1))
+    assert torch.equal(off.model.fc.weight, w)
+
+
+def _toy_data(n: int, classes: int) -> TensorDataset:
+    g = torch.Generator().manual_seed(1)
+    y = torch.arange(n) % classes
+    x = torch.randn(n, 3, 8, 8, generator=g) + y[:, None, None, None].float()
+    return TensorDataset(x, y)
+
+
+def test_main_phase_trains_only_the_new_extractor_through_the_real_loop():
+    method = _der()
+    method.before_task(_task(0))
+    method.before_task(_task(1))
+    old = {k: v.clone() for k, v in method.model.extractors[0].state_dict().items()}
+    new = {k: v.clone() for k, v in method.model.extractors[1].state_dict().items()}
+    phase = PhaseConfig(epochs=2, batch_size=8, lr=0.1, sched="constant")
+    train_phase(method, _toy_data(32, 4), phase, _task(1), RuntimeContext(progress=False), seed=0)
+    for k, v in method.model.extractors[0].state_dict().items():
+        assert torch.equal(v, old[k]), k                 # weights AND BatchNorm statistics
+    assert any(not torch.equal(v, new[k]) for k, v in method.model.extractors[1].state_dict().items())
+
+
+def test_decouple_phase_trains_only_the_classifier_on_tempered_logits():
+    method = _der(decouple_epochs=3, decouple_milestones=[2], decouple_temperature=5.0)
+    assert method.finetune_phase(_task(0)) is None         # nothing to re-balance after the first task
+    method.before_task(_task(0))
+    method.before_task(_task(1))
+    phase = method.finetune_phase(_task(1))
+    assert phase is not None and phase.data == "memory" and phase.epochs == 3 and phase.milestones == (2,)
+    extractors = {k: v.clone() for k, v in method.model.extractors.state_dict().items()}
+    aux = method.model.aux_fc.weight.detach().clone()
+    fc = method.model.fc.weight.detach().clone()
+    seen = {}
+
+    def spy(module, args):    # record training flags during the phase's forward passes
+        seen["extractors_training"] = [e.training for e in method.model.extractors]
+    handle = method.model.register_forward_pre_hook(spy)
+    train_phase(method, _toy_data(32, 4), phase, _task(1), RuntimeContext(progress=False), seed=0)
+    handle.remove()
+    assert seen["extractors_training"] == [False, False]    # every extractor's BN frozen, the newest included
+    for k, v in method.model.extractors.state_dict().items():
+        assert torch.equal(v, extractors[k]), k
+    assert torch.equal(method.model.aux_fc.weight, aux)
+    assert not torch.equal(method.model.fc.weight, fc)
+    # after the phase: back to the state before_task set (newest extractor trainable)
+    assert method.model.num_frozen == 1 and all(p.requires_grad for p in method.model.extractors[1].parameters())
+    # the loss is CE on logits / T
+    method.net = method.model
+    x, y = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])
+    method.model.eval()
+    loss = method.training_step((x, y), _task(1), phase)
+    expected = torch.nn.functional.cross_entropy(method.model(x)["logits"] / 5.0, y)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_der_state_survives_a_regrown_model():
+    method = _der()
+    for t in range(3):
+        method.before_task(_task(t))
+        method.after_task(_task(t))
+    buf = io.BytesIO()
+    torch.save(method.state_dict(), buf)
+    buf.seek(0)
+    state = torch.load(buf, weights_only=True)
+    other = DER(_config(), torch.device("cpu"))
+    other.build()
+    for t in range(3):
+        other.before_task(_task(t))
+    other.load_state_dict(state)
+    x = torch.randn(4, 3, 8, 8)
+    method.model.eval(), other.model.eval()
+    assert torch.equal(method.predict(x)["cnn"], other.predict(x)["cnn"])
+    assert other.gammas == pytest.approx(method.gammas)
+
+
+# ---- real runs on scikit-learn digits ------------------------------------------------------------------------
+def _digits(**kw):
+    from harness.config import resolve_config
+    overrides = {"backbone": "tiny_cnn", "epochs": 4, "base_epochs": 4, "batch_size": 32, "lr": 0.05,
+                 "incremental_lr": 0.05, "augment": "none"}
+    overrides.update(kw)
+    return resolve_config("der", "digits-5x2", overrides=overrides)
+
+
+@pytest.mark.parametrize("decouple", [0, 2])
+def test_der_runs_on_real_digits(tmp_path, decouple):
+    from harness.launch import run_local
+    from harness.trials import expand_trials
+    cfg = _digits(decouple_epochs=decouple, decouple_milestones=[], weight_align=decouple == 0)
+    (result,) = run_local(expand_trials(cfg), tmp_path, log=lambda s: None, progress=False)
+    assert result["status"] == "finished", result.get("error")
+    cnn = result["metrics"]["cnn"]
+    assert cnn["accuracies"][0] > 80
+    assert cnn["last_accuracy"] > 40                      # 10 classes; finetune forgets down to ~20
+    params = [row["parameters"] for row in result["history"]]
+    growth = [b - a for a, b in zip(params, params[1:])]
+    assert all(g > 0 for g in growth) and len(set(growth)) == len(growth)   # a backbone + a wider classifier
+
+
+def test_der_resume_matches_uninterrupted_run(tmp_path):
+    from harness.launch import run_local
+    from harness.trials import expand_trials
+    kw = dict(epochs=2, base_epochs=2, decouple_epochs=1, decouple_milestones=[])
+    clean = run_local(expand_trials(_digits(**kw)), tmp_path / "a", log=lambda s: None, progress=False)[0]
+    cfg = _digits(fault_at_task=2, **kw)
+    first = run_local(expand_trials(cfg), tmp_path / "b", log=lambda s: None, progress=False)[0]
+    assert first["status"] == "failed"
+    resumed = run_local(expand_trials(cfg), tmp_path / "b", log=lambda s: None, progress=False)[0]
+    assert resumed["status"] == "finished", resumed.get("error")
+    assert resumed["metrics"]["cnn"]["accuracies"] == pytest.approx(clean["metrics"]["cnn"]["accuracies"], abs=1e-6)
+    assert [r["parameters"] for r in resumed["history"]] == [r["parameters"] for r in clean["history"]]
