@@ -104,3 +104,17 @@ def build_backbone(name: str, width: int | None = None) -> nn.Module:
     if name not in BACKBONES:
         raise ConfigError(f"unknown backbone {name!r}; available: {', '.join(sorted(BACKBONES))}")
     return BACKBONES[name](width)
+
+
+def prefers_channels_last(model: nn.Module) -> bool:
+    """True for convolution-dominated models (the CNN backbones above): most parameters are Conv2d kernels.
+
+    Why: channels-last (NHWC) convolutions are faster with oneDNN on CPU and cuDNN on GPU (numbers in
+    docs/PERFORMANCE.md); a ViT such as DyTox, whose only convolution is the patch embedding, gains nothing."""
+    conv = total = 0
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            total += p.numel()
+            if isinstance(module, nn.Conv2d):
+                conv += p.numel()
+    return total > 0 and conv / total > 0.5

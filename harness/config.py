@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import yaml
 
@@ -78,9 +78,17 @@ def method_recipe(method: str, recipe: str | None, explicit: bool) -> tuple[dict
     return out, used
 
 
-def _apply(config: dict, updates: dict, known: set[str], aliases: dict[str, str | None], source: str) -> None:
+def _apply(config: dict, updates: dict, known: set[str], aliases: dict[str, str | None], source: str,
+           value_maps: dict[str, Callable[[Any], Any]] | None = None) -> None:
     for key, value in updates.items():
         key = key.replace("-", "_")
+        if value_maps and key in value_maps:
+            # A method's original-code value -> ours (DyTox `data_set: CIFAR` -> cifar100), keyed by the key as
+            # written, before aliasing; it raises ConfigError for values the method does not implement.
+            try:
+                value = value_maps[key](value)
+            except ConfigError as exc:
+                raise ConfigError(f"{source}: {exc}") from None
         if key in aliases:
             target = aliases[key]
             if target is None:          # an original-code option with no meaning here: accepted, ignored
@@ -104,14 +112,16 @@ def resolve_config(method: str, suite: str, options: Iterable[str] = (), overrid
     recipe_cfg, recipe_files = method_recipe(method, recipe or suite_cfg.get("recipe"), explicit=recipe is not None)
     known = set(config) | set(recipe_cfg) | SUITE_KEYS
     aliases = dict(getattr(method_cls, "option_aliases", {}))
-    _apply(config, {k: v for k, v in suite_cfg.items() if k not in SUITE_KEYS}, known, aliases, f"suite {suite}")
-    _apply(config, recipe_cfg, known, aliases, "recipe")
+    maps = dict(getattr(method_cls, "option_value_maps", {}))
+    _apply(config, {k: v for k, v in suite_cfg.items() if k not in SUITE_KEYS}, known, aliases, f"suite {suite}",
+           maps)
+    _apply(config, recipe_cfg, known, aliases, "recipe", maps)
     # A suite's `budget` (e.g. a few epochs for a CPU suite) overrides every method's recipe alike.
-    _apply(config, suite_cfg.get("budget") or {}, known, aliases, f"suite {suite} budget")
+    _apply(config, suite_cfg.get("budget") or {}, known, aliases, f"suite {suite} budget", maps)
     for path in options:
-        _apply(config, load_yaml(path), known, aliases, str(path))
+        _apply(config, load_yaml(path), known, aliases, str(path), maps)
     flags = {k: v for k, v in (overrides or {}).items() if v is not None and k not in ("orders", "seeds")}
-    _apply(config, flags, known, aliases, "command line")
+    _apply(config, flags, known, aliases, "command line", maps)
     config.update(method=method, suite=suite_cfg["name"], recipe_files=recipe_files,
                   options_files=[str(Path(p).resolve()) for p in options])
     overrides = overrides or {}

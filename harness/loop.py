@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import time
 import zlib
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -103,21 +103,47 @@ def _wrap_ddp(model: nn.Module, ctx: RuntimeContext) -> nn.Module:
     return DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=True)
 
 
+def resolve_channels_last(option, model: nn.Module) -> bool:
+    """`channels_last`: auto (on for convolution-dominated models: the CNN backbones) | true | false."""
+    if isinstance(option, str):
+        if option.lower() == "auto":
+            from harness.backbones import prefers_channels_last
+
+            return prefers_channels_last(model)
+        if option.lower() in ("true", "false"):
+            return option.lower() == "true"
+        from harness.errors import ConfigError
+
+        raise ConfigError(f"channels_last must be auto, true or false, got {option!r}")
+    return bool(option)
+
+
 def train_phase(method: Method, dataset: Dataset, phase: PhaseConfig, task: TaskInfo,
-                ctx: RuntimeContext, seed: int, loader_workers: int = 0) -> dict:
-    """Run `phase.epochs` epochs of `method.training_step` over `dataset`. Returns phase statistics."""
+                ctx: RuntimeContext, seed: int, loader_workers: int = 0,
+                batch_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                channels_last: bool | str = False, compile_model: bool = False) -> dict:
+    """Run `phase.epochs` epochs of `method.training_step` over `dataset`. Returns phase statistics.
+
+    Speed options (benchmarks/recipes/defaults.yaml, docs/PERFORMANCE.md): `batch_transform` augments each
+    uint8 batch after it is on the device (harness.data.batched; the dataset then returns raw images);
+    `channels_last` (bool or "auto") converts the model and inputs to NHWC; `compile_model` wraps the training
+    forward in torch.compile (evaluation stays eager)."""
     method.before_phase(phase, task)
     stats = {"loss": math.nan, "epoch_time": 0.0, "images_per_s": 0.0, "steps": 0}
     if phase.epochs <= 0 or len(dataset) == 0:
         method.after_phase(phase, task)
         return stats
+    use_cl = resolve_channels_last(channels_last, method.model)
+    if use_cl:   # every phase: modules added since the last one (DER's extractors) are converted too
+        method.model.to(memory_format=torch.channels_last)
     params = [p for p in method.parameters_to_optimize(phase) if p.requires_grad]
     optimizer = method.wrap_optimizer(build_optimizer(params, phase), phase, task)
     scheduler = build_scheduler(getattr(optimizer, "base_optimizer", optimizer), phase)
     scaler = torch.amp.GradScaler("cuda") if ctx.amp == torch.float16 else None
     loader = make_loader(dataset, phase.batch_size, ctx, seed + 7919 * task.task_id + zlib.crc32(phase.name.encode()) % 997,
                          shuffle=True, loader_workers=loader_workers, repeats=phase.repeated_aug)
-    method.net = _wrap_ddp(method.model, ctx)
+    # Compiled inside DDP (DDP sees one autograd node per forward): no reliance on dynamo's DDP optimizer.
+    method.net = _wrap_ddp(torch.compile(method.model) if compile_model else method.model, ctx)
     method.model.train()
     epoch_times, images, losses = [], 0, []
     bar = tqdm(total=phase.epochs * len(loader), desc=f"task {task.task_id} {phase.name}",
@@ -128,6 +154,10 @@ def train_phase(method: Method, dataset: Dataset, phase: PhaseConfig, task: Task
         for x, y in loader:
             x = x.to(ctx.device, non_blocking=True)
             y = y.to(ctx.device, non_blocking=True)
+            if batch_transform is not None:
+                x = batch_transform(x)      # uint8 -> augmented, normalised float32, on the device
+            if use_cl:
+                x = x.contiguous(memory_format=torch.channels_last)
             loss = _step(method, optimizer, scaler, (x, y), task, phase, ctx)
             running += loss
             count += 1

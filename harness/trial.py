@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from harness.data import ArrayData, TaskDataset, build_transform, dataset_info, load_dataset
+from harness.data.batched import build_batched_transform, resolve_batched_augment
 from harness.errors import CheckpointError
 from harness.evaluation import compute_features, predict
 from harness.loop import train_phase
@@ -90,11 +91,25 @@ def run_trial(spec: dict, ctx: RuntimeContext) -> dict:
     seed_everything(seed)
     info = dataset_info(config["dataset"], config.get("data_path"))
     train = load_dataset(config["dataset"], config.get("data_path"), "train", download=bool(config.get("download")))
-    test = load_dataset(config["dataset"], config.get("data_path"), "test", download=False)
+    validation = spec.get("validation")   # sweep protocol (harness.sweep): the test split is never loaded
+    if validation:
+        from harness.sweep_space import validation_split
+
+        train, test = validation_split(train, validation)
+    else:
+        test = load_dataset(config["dataset"], config.get("data_path"), "test", download=False)
     order = resolve_class_order(spec["order"], info.num_classes, config["dataset"])
     scenario = Scenario(train, test, config["initial_increment"], config["increment"], order)
     train_tf = build_transform(info, train=True, options=config)
     test_tf = build_transform(info, train=False, options=config)
+    # Speed options (docs/PERFORMANCE.md): augmentation of whole uint8 batches on the device, channels-last
+    # CNNs, torch.compile of the training forward. Keys absent from a config keep the plain behaviour.
+    loop_options = {"loader_workers": config.get("loader_workers", 0),
+                    "channels_last": config.get("channels_last", False),
+                    "compile_model": bool(config.get("compile", False))}
+    if resolve_batched_augment(config.get("batched_augment", False), ctx.device):
+        batched = build_batched_transform(info, options=config)
+        train_tf, loop_options["batch_transform"] = batched.per_image, batched
 
     method: Method = get_method(config["method"])(config, ctx.device)
     method.build()
@@ -121,7 +136,8 @@ def run_trial(spec: dict, ctx: RuntimeContext) -> dict:
         start_task = state["task"] + 1
         ctx.log(f"resumed {spec['name']} from {ckpt_path.name}")
 
-    for t in range(start_task, scenario.num_tasks):
+    num_tasks = min(scenario.num_tasks, int(validation["tasks"])) if validation else scenario.num_tasks
+    for t in range(start_task, num_tasks):
         task = _task_info(scenario, t)
         seed_everything(seed * 1000 + t)   # each task starts from a known RNG state, also after a resume
         method.before_task(task)
@@ -132,8 +148,7 @@ def run_trial(spec: dict, ctx: RuntimeContext) -> dict:
         else:
             data = _concat(scenario.train_task(t), method.tools.memory_data())
         phase = method.main_phase(task)
-        stats = train_phase(method, TaskDataset(data, train_tf), phase, task, ctx, seed,
-                            loader_workers=config.get("loader_workers", 0))
+        stats = train_phase(method, TaskDataset(data, train_tf), phase, task, ctx, seed, **loop_options)
 
         if memory is not None:
             new_data = scenario.train_task(t)
@@ -144,7 +159,7 @@ def run_trial(spec: dict, ctx: RuntimeContext) -> dict:
         ft_phase = method.finetune_phase(task)
         if ft_phase is not None and method.tools.memory_data() is not None:
             train_phase(method, TaskDataset(method.tools.memory_data(), train_tf), ft_phase, task, ctx, seed,
-                        loader_workers=config.get("loader_workers", 0))
+                        **loop_options)
 
         test_data, task_ids = scenario.test_upto(t)
         outputs = predict(method.predict, method.model, TaskDataset(test_data, test_tf), test_data.y, ctx,
@@ -152,6 +167,8 @@ def run_trial(spec: dict, ctx: RuntimeContext) -> dict:
         for head, (pred, top5) in outputs.items():
             metrics.add_task(t, pred, test_data.y, task_ids, head=head, top5_correct=top5)
         row = _task_row(metrics, t, stats, method)
+        if validation:   # what a sweep's scheduler reads (ASHA: time = tasks seen, metric = val accuracy)
+            row.update(tasks_seen=t + 1, val_accuracy=row["accuracy"])
         history.append(row)
 
         if ctx.checkpoint_dir and ctx.is_main:
@@ -168,7 +185,7 @@ def run_trial(spec: dict, ctx: RuntimeContext) -> dict:
     return {
         "name": spec["name"], "method": config["method"], "suite": config["suite"], "order": spec["order_name"],
         "seed": seed, "status": "finished", "history": history, "metrics": metrics.summary(),
-        "num_tasks": scenario.num_tasks, "parameters": method.parameter_count(),
+        "num_tasks": num_tasks, "parameters": method.parameter_count(), "validation": validation,
         "wall_time_s": time.perf_counter() - started, "world_size": ctx.world_size,
     }
 

@@ -48,7 +48,10 @@ def build_transform(info: DatasetInfo, train: bool, options: dict | None = None)
 
 
 class TaskDataset(Dataset):
-    """(image tensor, label) pairs of an ArrayData; file paths are opened with PIL (RGB) when read."""
+    """(image tensor, label) pairs of an ArrayData; file paths are opened with PIL (RGB) when read.
+
+    transform None (batched augmentation, harness.data.batched): in-memory images come back as uint8 CHW views
+    and the loop augments whole batches on the device."""
 
     def __init__(self, data: ArrayData, transform) -> None:
         self.data = data
@@ -65,4 +68,6 @@ class TaskDataset(Dataset):
                 image = img.convert("RGB")
         else:
             image = torch.from_numpy(np.ascontiguousarray(x)).permute(2, 0, 1)   # HWC -> CHW, no copy of pixels
+        if self.transform is None:
+            return (v2.functional.pil_to_tensor(image) if self.is_paths else image), int(self.data.y[index])
         return self.transform(image), int(self.data.y[index])
