@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import sys
 from dataclasses import asdict
@@ -481,7 +482,7 @@ class SweepTracker:
 # ---------------------------------------------------------------------------------------------------------
 # Running it
 # ---------------------------------------------------------------------------------------------------------
-def _tune_objects(sweep: dict, space: SearchSpace):
+def _tune_objects(sweep: dict, space: SearchSpace, concurrency: int):
     """(param_space, scheduler, search_alg) for Tune."""
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
@@ -499,7 +500,9 @@ def _tune_objects(sweep: dict, space: SearchSpace):
 
         search_alg = OptunaSearch(seed=sweep["search_seed"])
     else:
-        search_alg = BasicVariantGenerator(random_state=sweep["search_seed"])
+        # max_concurrent here: Tune ignores TuneConfig.max_concurrent_trials for an explicit variant generator.
+        # Trials are then created as slots free up, so they start in the order the space lists them.
+        search_alg = BasicVariantGenerator(random_state=sweep["search_seed"], max_concurrent=concurrency)
     return space.to_tune(sweep["search"]), scheduler, search_alg
 
 
@@ -584,17 +587,14 @@ def _fit(sweep: dict, space: SearchSpace, options, restore: bool, exp_dir: Path,
     if restore:
         tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
-        param_space, scheduler, search_alg = _tune_objects(sweep, space)
+        param_space, scheduler, search_alg = _tune_objects(sweep, space, plan.concurrency)
         classes = _callback_classes()
         tuner = tune.Tuner(
             trainable, param_space=param_space,
             tune_config=tune.TuneConfig(metric=sweep["metric"], mode="max", scheduler=scheduler,
                                         search_alg=search_alg, num_samples=sweep["num_samples"],
                                         max_concurrent_trials=plan.concurrency,
-                                        # a fresh trainable per trial: trials start in the order Tune creates
-                                        # them (a cached actor goes to the LAST pending trial), and an ASHA-stopped
-                                        # trial takes its Train controller and workers down with its process
-                                        reuse_actors=False,
+                                        reuse_actors=True,   # a finished trial's process serves the next one
                                         trial_name_creator=lambda t: t.trial_id,
                                         trial_dirname_creator=lambda t: t.trial_id),
             run_config=tune.RunConfig(name=exp_dir.name, storage_path=str(exp_dir.parent),
@@ -624,14 +624,15 @@ def summarise(sweep: dict, grid, driver: SweepDriver | None = None) -> dict:
             outcome = "failed"
         else:
             outcome = "early_stopped"
-        value = m.get(metric)
-        trials.append({"trial": trial_id, "name": name, "outcome": outcome, "tasks_seen": seen,
-                       metric: float(value) if isinstance(value, (int, float)) else None,
+        values = {key: float(m[key]) if isinstance(m.get(key), (int, float)) else None for key in METRICS}
+        trials.append({"trial": trial_id, "name": name, "outcome": outcome, "tasks_seen": seen, **values,
                        **{key: plain(r.config.get(key)) for key in sweep["swept"]}})
     completed = [t for t in trials if t["outcome"] == "completed" and t[metric] is not None]
     best = None
     if completed:
-        top = max(completed, key=lambda t: t[metric])
+        # ties (e.g. fine-tuning's last accuracy, which only the last task's classes make) go to the other metric
+        other = next(key for key in METRICS if key != metric)
+        top = max(completed, key=lambda t: (t[metric], t[other] if t[other] is not None else -math.inf))
         config = next(r.config for r in grid if f"{sweep['name']}_{(r.metrics or {}).get('trial_id')}" == top["name"])
         best = {"name": top["name"], "trial": top["trial"], "value": top[metric], "config": plain(dict(config))}
     counts = {o: sum(1 for t in trials if t["outcome"] == o) for o in OUTCOMES}

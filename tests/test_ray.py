@@ -141,7 +141,7 @@ def test_resource_check_fails_fast_before_launching(ray_session, tmp_path):
     started = time.perf_counter()
     with pytest.raises(ResourceError, match=r"64 worker\(s\).*2 CPU.*--num-workers"):
         launch(specs, tmp_path)
-    assert time.perf_counter() - started < 10
+    assert time.perf_counter() - started < 30     # seconds, not Ray's endless wait (even on a loaded box)
     assert not (tmp_path / "trials").exists()      # nothing was launched
 
 

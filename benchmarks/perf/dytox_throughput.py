@@ -8,7 +8,7 @@ Measured for batch 32 and 128, at task 1 (one token; no teacher, no divergence h
 method uses by default (fused SDPA TAB, batched tokens) and, with --variants, the others (explicit TAB,
 per-token loop, fused GPSA) so their cost can be compared.
 
-Each configuration runs in a FRESH subprocess, so the peak-memory figure is its own:
+Each configuration runs in a FRESH subprocess (not with --quick / --in-process), so its peak memory is its own:
 - CPU: peak resident set size (getrusage ru_maxrss) minus the RSS before the first step (tracemalloc does not
   see torch's allocations); it includes the allocator's caching;
 - GPU: torch.cuda.max_memory_allocated after reset_peak_memory_stats.
@@ -173,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--in-process", action="store_true",
+                   help="measure in this process instead of one fresh subprocess per configuration (faster to "
+                        "start; peak memory then accumulates across configurations). Implied by --quick")
     p.add_argument("--no-amp", action="store_true", help="GPU: fp32 instead of bf16 autocast")
     p.add_argument("--out", default=None, help=f"JSON output (default {DEFAULT_OUT.relative_to(ROOT)}; "
                                                "--quick: benchmarks/results/dytox_throughput_quick.json)")
@@ -194,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
                 job = dict(batch=batch, tasks=n_tasks, variant=variant, device=device, model=model,
                            classes_per_task=args.classes_per_task, repeats=repeats, steps=steps, warmup=warmup,
                            threads=args.threads, amp=not args.no_amp)
-                row = run_isolated(job)
+                row = measure(job) if args.in_process or args.quick else run_isolated(job)
                 rows.append(row)
                 print(table([row]).splitlines()[-1], flush=True)
     out = Path(args.out) if args.out else (

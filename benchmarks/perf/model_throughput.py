@@ -17,7 +17,8 @@ Variants, measured in the same run and interleaved (round r runs every variant o
   DyTox:  explicit (softmax attention everywhere) vs sdpa (default: the task-attention block uses
           F.scaled_dot_product_attention) vs sdpa+gpsa (also the GPSA content attention, `fused_gpsa`)
   --compile adds `compiled` (torch.compile of the network; first-step compile time reported separately).
-CPU: fp32, every config in a fresh subprocess; peak memory = that process's max RSS (resource.getrusage), also
+CPU: fp32, 1 intra-op thread by default (`--threads`; per-core numbers, and on a shared machine 2 threads on 2
+busy vCPUs ran 4x SLOWER than 1), every config in a fresh subprocess; peak memory = that process's max RSS (resource.getrusage), also
 given as the growth over the RSS after building the model. GPU (picked when CUDA is there): AMP bf16 and
 torch.cuda.max_memory_allocated. Writes JSON (default benchmarks/results/perf_model_throughput.json).
 """
@@ -131,7 +132,7 @@ def run_worker(config: dict) -> dict:
     """Time `steps` train steps (after `warmup`) of one (model, batch, variant) in this process."""
     import torch
 
-    if config.get("threads"):
+    if config.get("threads") and config["device"] == "cpu":
         torch.set_num_threads(config["threads"])
     device = torch.device(config["device"])
     amp = torch.bfloat16 if device.type == "cuda" else None
@@ -192,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compile", action="store_true", help="also time torch.compile (icarl_t1, dytox_t1)")
     p.add_argument("--no-compile", action="store_true", help="full mode: skip the torch.compile variant")
     p.add_argument("--device", default="auto", help="auto (CUDA when there) | cpu | cuda")
-    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: torch's)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU intra-op threads (default 1: per-core numbers; 0 = torch's default, one per core)")
     p.add_argument("--output", default=None)
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -245,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append([model, batch, variant, batch / step_s, f"{base / step_s:.2f}x vs {base_variant}",
                      entry["first_step_s"], peak, growth if device == "cpu" else "-", f"{rs[0]['params'] / 1e6:.2f}"])
     machine = perfutil.machine_info()
-    report = {"benchmark": "model_throughput", "quick": args.quick, "device": device,
+    report = {"benchmark": "model_throughput", "quick": args.quick, "device": device, "threads": args.threads,
               "precision": "bf16 autocast" if device == "cuda" else "fp32", "steps": args.steps,
               "warmup": args.warmup, "rounds": args.rounds, "results": out, "machine": machine,
               "memory": ("torch.cuda.max_memory_allocated" if device == "cuda" else
@@ -254,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
               "wall_s": time.perf_counter() - started}
     print()
     print(f"train step, {device} ({report['precision']}), median of {args.steps} step(s) x {args.rounds} round(s); "
-          f"{machine['cpu_model']}, {machine['cpus']} CPUs, {machine['torch_threads']} threads, "
+          f"{machine['cpu_model']}, {machine['cpus']} CPUs, {args.threads if device == 'cpu' else '-'} thread(s), "
           f"load {machine['load_average'][0]:.1f}")
     print(perfutil.markdown_table(["model", "batch", "variant", "img/s", "speed-up", "first step (s)", "peak MB",
                                    "train growth MB", "params (M)"], rows))

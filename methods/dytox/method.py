@@ -218,7 +218,11 @@ class DyToxMethod(Method):
     def build(self) -> None:
         c = self.config
         self._validate(c)
-        self.model = DyTox(model_config(c)).to(self.device)
+        if self.device.type == "meta":       # shapes only (parameter counts): no memory, no init time
+            with torch.device("meta"):
+                self.model = DyTox(model_config(c))
+        else:                                # initialised on the CPU: the same weights whatever the device
+            self.model = DyTox(model_config(c)).to(self.device)
         self.teacher: DyTox | None = None
         self.mixup = BatchMixup(c)
         self.freeze_task = _as_list(c.get("freeze_task", ["old_task_tokens", "old_heads"]))
