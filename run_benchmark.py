@@ -4,6 +4,8 @@
   python run_benchmark.py --method icarl --suite cifar100            # every order x seed of the suite
   python run_benchmark.py --method dytox --suite cifar10-mini --epochs 2
   python run_benchmark.py --list-methods | --list-suites
+  python run_benchmark.py report --output-dir results              # leaderboard from an MLflow store
+  python run_benchmark.py sweep --method icarl --suite cifar10-5x2 --space benchmarks/sweeps/icarl.yaml
 
 Options resolve as: harness defaults < suite < method recipe < --options files (in order) < flags.
 """
@@ -43,6 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-workers", type=int, help="DDP workers per trial")
     p.add_argument("--device", help="auto | cpu | cuda")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    t = p.add_argument_group("tracking (MLflow; see docs/TRACKING.md)")
+    t.add_argument("--tracking-uri", help="MLflow tracking URI: http://host:port (a running server, checked before "
+                                          "training) or sqlite:////abs/path.db; default: <output-dir>/mlflow.db")
+    t.add_argument("--experiment", default="clbench", help="MLflow experiment name (default: clbench)")
+    t.add_argument("--no-tracking", action="store_true", help="do not log to MLflow (results.json and tables only)")
     r = p.add_argument_group("launcher (Ray by default; see docs/CLUSTER.md)")
     r.add_argument("--launcher", choices=["ray", "local"], default="ray",
                    help="ray: each trial a Ray Train DDP job under a Ray Tune grid (default); "
@@ -93,6 +100,15 @@ def apply_epochs(config: dict, epochs: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "sweep":     # `run_benchmark.py sweep ...`: hyper-parameter sweeps (docs/SWEEPS.md)
+        from harness.sweep import main as sweep_main
+
+        return sweep_main(argv[1:])
+    if argv and argv[0] in ("report", "leaderboard"):   # leaderboard from any MLflow store (docs/TRACKING.md)
+        from harness.report import main as report_main
+
+        return report_main(argv[1:])
     args = build_parser().parse_args(argv)
     from harness.config import list_suites, resolve_config, validate
     from harness.registry import get_method, list_methods
@@ -131,16 +147,38 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(specs)} trial(s): {args.method} on {config['suite']} "
           f"(orders {', '.join(s['order_name'] for s in specs[::len(config['seeds'])])}; seeds {config['seeds']}) "
           f"-> {output_dir}")
+    tracker = None
+    if not args.no_tracking:    # checks the store (an unreachable server stops here, before any training)
+        from harness.tracking import BenchmarkTracker
+
+        tracker = BenchmarkTracker.for_benchmark(args.tracking_uri, output_dir, config, specs,
+                                                 experiment=args.experiment)
     options = LaunchOptions(launcher=args.launcher, address=args.address,
                             max_concurrent_trials=args.max_concurrent_trials, max_failures=args.max_failures,
                             verbose=args.verbose)
-    results = launch(specs, output_dir, options, progress=not args.quiet and sys.stderr.isatty())
+    from harness.launch import TrialEvents
+
+    try:
+        results = launch(specs, output_dir, options, progress=not args.quiet and sys.stderr.isatty(),
+                         events=TrialEvents(print, tracker=tracker))
+    except BaseException:
+        if tracker is not None:
+            tracker.abort()       # the parent run ends KILLED/FAILED, not RUNNING forever; rerun resumes it
+        raise
     table = summary_table(results)
     output_dir.mkdir(parents=True, exist_ok=True)
     table.to_csv(output_dir / "summary.csv", index=False)
     (output_dir / "summary.md").write_text(to_markdown(table) + "\n")
+    board = tracker.end_benchmark(results, specs) if tracker is not None else None
     print()
-    print(to_markdown(table))
+    if board is not None and not board.empty:
+        from harness.report import to_markdown as board_markdown, write_leaderboard
+
+        csv_path, md_path = write_leaderboard(board, output_dir)
+        print(board_markdown(board))
+        print(f"\nwritten: {csv_path}, {md_path}, {output_dir / 'summary.csv'}; MLflow store: {tracker.uri}")
+    else:
+        print(to_markdown(table))
     failed = [r for r in results if r.get("status") != "finished"]
     if failed:
         print(f"{len(failed)} trial(s) failed; see {output_dir}/trials/<name>/result.json", file=sys.stderr)

@@ -120,12 +120,13 @@ def resolve_channels_last(option, model: nn.Module) -> bool:
 
 def train_phase(method: Method, dataset: Dataset, phase: PhaseConfig, task: TaskInfo,
                 ctx: RuntimeContext, seed: int, loader_workers: int = 0,
-                batch_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                batch_transform: Callable[..., torch.Tensor] | None = None,
                 channels_last: bool | str = False, compile_model: bool = False) -> dict:
     """Run `phase.epochs` epochs of `method.training_step` over `dataset`. Returns phase statistics.
 
-    Speed options (benchmarks/recipes/defaults.yaml, docs/PERFORMANCE.md): `batch_transform` augments each
-    uint8 batch after it is on the device (harness.data.batched; the dataset then returns raw images);
+    Speed options (benchmarks/recipes/defaults.yaml, docs/PERFORMANCE.md): `batch_transform(x, generator=)`
+    augments each uint8 batch after it is on the device (harness.data.batched; the dataset then returns raw
+    images; random choices come from a per-rank CPU generator);
     `channels_last` (bool or "auto") converts the model and inputs to NHWC; `compile_model` wraps the training
     forward in torch.compile (evaluation stays eager)."""
     method.before_phase(phase, task)
@@ -140,8 +141,12 @@ def train_phase(method: Method, dataset: Dataset, phase: PhaseConfig, task: Task
     optimizer = method.wrap_optimizer(build_optimizer(params, phase), phase, task)
     scheduler = build_scheduler(getattr(optimizer, "base_optimizer", optimizer), phase)
     scaler = torch.amp.GradScaler("cuda") if ctx.amp == torch.float16 else None
-    loader = make_loader(dataset, phase.batch_size, ctx, seed + 7919 * task.task_id + zlib.crc32(phase.name.encode()) % 997,
+    loader_seed = seed + 7919 * task.task_id + zlib.crc32(phase.name.encode()) % 997
+    loader = make_loader(dataset, phase.batch_size, ctx, loader_seed,
                          shuffle=True, loader_workers=loader_workers, repeats=phase.repeated_aug)
+    # Batched augmentation draws from its own generator, distinct per rank: every rank's global RNG is seeded
+    # alike, and repeated augmentation puts an image's copies on different ranks, which must augment differently.
+    aug_generator = torch.Generator().manual_seed(loader_seed * 1_000_003 + ctx.rank)
     # Compiled inside DDP (DDP sees one autograd node per forward): no reliance on dynamo's DDP optimizer.
     method.net = _wrap_ddp(torch.compile(method.model) if compile_model else method.model, ctx)
     method.model.train()
@@ -155,7 +160,7 @@ def train_phase(method: Method, dataset: Dataset, phase: PhaseConfig, task: Task
             x = x.to(ctx.device, non_blocking=True)
             y = y.to(ctx.device, non_blocking=True)
             if batch_transform is not None:
-                x = batch_transform(x)      # uint8 -> augmented, normalised float32, on the device
+                x = batch_transform(x, generator=aug_generator)   # uint8 -> augmented, normalised float32
             if use_cl:
                 x = x.contiguous(memory_format=torch.channels_last)
             loss = _step(method, optimizer, scaler, (x, y), task, phase, ctx)

@@ -406,7 +406,9 @@ def trial_trainable(config: dict, specs: dict[str, dict], setup: dict) -> None:
             tune.report({"harness_error": str(user_error), "harness_error_type": type(user_error).__name__})
             return
         done = read_result(output_dir, name)
-        if done is None or done.get("status") != "finished":
+        # A sweep trial stopped by its scheduler (ASHA) also lands here, possibly after the driver has moved
+        # on: sweeps record outcomes in the driver (harness.sweep) and never get a "failed" result.json here.
+        if setup.get("record_failures", True) and (done is None or done.get("status") != "finished"):
             result = failed_result(spec, _first_line_error(exc), "".join(traceback.format_exception(exc)))
             write_json(result_path(output_dir, name), finish_result(spec, result, "ray"))
 

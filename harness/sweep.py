@@ -176,14 +176,20 @@ def plan_sweep(args: argparse.Namespace, log: Callable[[str], None] = print) -> 
     k = min(args.val_tasks, total_tasks)
     if k < args.val_tasks and args.val_tasks != DEFAULT_VAL_TASKS:
         log(f"note: {base['suite']} has {total_tasks} task(s): tuning on all of them (--val-tasks {args.val_tasks})")
-    if args.scheduler == "asha" and args.grace_period > k:
-        raise ConfigError(f"--grace-period {args.grace_period} is more than the {k} tuning task(s): ASHA could "
-                          f"never stop a trial; use --grace-period 1..{k} or --scheduler fifo")
+    scheduler = args.scheduler
+    if scheduler == "asha" and args.grace_period >= k:
+        if args.grace_period != 1:
+            raise ConfigError(f"--grace-period {args.grace_period} leaves no task to save out of the {k} tuning "
+                              f"task(s): ASHA stops trials between tasks; use --grace-period 1..{k - 1}, more "
+                              "--val-tasks, or --scheduler fifo") if k > 1 else ConfigError(
+                f"one tuning task leaves ASHA nothing to stop; use --scheduler fifo or --val-tasks 2+")
+        log(f"note: {k} tuning task(s) leave ASHA nothing to stop; running every trial to the end (fifo)")
+        scheduler = "fifo"
     num_samples = args.num_samples or (1 if args.search == "grid" else 10)
     order, seed = base["orders"][0], int(base["seeds"][0])
     validation = {"tasks": k, "fraction": float(args.val_fraction), "seed": VAL_SPLIT_SEED}
     settings = {"method": args.method, "suite": base["suite"], "base": config_hash(base, exclude=RUNTIME_KEYS),
-                "space": space.as_yaml_dict(), "search": args.search, "scheduler": args.scheduler,
+                "space": space.as_yaml_dict(), "search": args.search, "scheduler": scheduler,
                 "num_samples": num_samples, "metric": args.metric, "grace": args.grace_period,
                 "rf": args.reduction_factor, "validation": validation, "order": order, "seed": seed,
                 "search_seed": args.search_seed}
@@ -195,7 +201,7 @@ def plan_sweep(args: argparse.Namespace, log: Callable[[str], None] = print) -> 
     return {"name": name, "method": args.method, "suite": base["suite"], "base": base, "space": space,
             "space_path": str(Path(args.space).resolve()), "order": order, "order_name": order_name(order),
             "seed": seed, "validation": validation, "num_samples": num_samples, "search": args.search,
-            "search_seed": args.search_seed, "scheduler": args.scheduler, "metric": args.metric,
+            "search_seed": args.search_seed, "scheduler": scheduler, "metric": args.metric,
             "grace_period": args.grace_period, "reduction_factor": args.reduction_factor,
             "output_dir": str(output_dir), "sweep_dir": str(output_dir / "sweeps" / name),
             "num_trials": space.grid_size(args.search) * num_samples}
@@ -280,7 +286,7 @@ class SweepDriver:
         if result.get("done") and int(row.get(TIME_ATTR, 0)) < self.sweep["validation"]["tasks"]:
             self.stopped.add(spec["name"])      # Tune marks a scheduler STOP with done=True
 
-    def on_complete(self, trial) -> None:
+    def on_complete(self, trial, error: bool = False) -> None:
         from harness.results import read_result
 
         spec = self.spec(trial)
@@ -290,23 +296,34 @@ class SweepDriver:
         result = read_result(self.sweep["sweep_dir"], spec["name"])
         rows = [r for _, r in sorted(self.rows.get(spec["name"], {}).items())]
         k = self.sweep["validation"]["tasks"]
-        if result is None or result.get("status") != "finished":
-            done = len(rows) if result is None else len(result.get("history") or rows)
-            outcome = "failed" if (result is not None or done >= k) else "early_stopped"
-            result = result or {"name": spec["name"], "status": outcome, "history": rows, "num_tasks": len(rows),
-                                "config": spec["config"], "launcher": "ray"}
-        else:
-            outcome = "completed"
+        outcome = trial_outcome(result, len(rows), k, error)
+        if result is None:   # stopped (or killed after its last report): what Tune received is all there is
+            result = {"name": spec["name"], "status": "finished" if outcome == "completed" else outcome,
+                      "history": rows, "num_tasks": len(rows), "config": spec["config"], "launcher": "ray",
+                      **({"error": "Ray Tune trial error"} if outcome == "failed" else {})}
+        done = len(result.get("history") or rows)
         value = (result.get("history") or rows or [{}])[-1].get(self.sweep["metric"])
         shown = f" {self.sweep['metric']}={value:.2f}" if isinstance(value, (int, float)) else ""
         what = {"completed": f"completed {k} task(s)", "failed": f"FAILED: {result.get('error', 'see --verbose')}",
-                "early_stopped": f"stopped early by ASHA after {len(rows)}/{k} task(s)"}[outcome]
+                "early_stopped": f"stopped early by ASHA after {done}/{k} task(s)"}[outcome]
         self.log(f"{self.label(spec)} {what}{shown}")
         if self.tracker is not None:
             self.tracker.log_trial(spec, result, outcome)
 
     def on_error(self, trial) -> None:
-        self.log(f"[{trial.trial_id}] Ray Tune trial error (see --verbose)")
+        self.on_complete(trial, error=True)
+
+
+def trial_outcome(result: dict | None, tasks_reported: int, k: int, error: bool = False) -> str:
+    """completed (all k tuning tasks), early_stopped (by the scheduler) or failed. A trial's result.json is the
+    authority; without one, the tasks Tune received decide (a STOP can land after a short last task)."""
+    if result is not None:
+        if result.get("status") == "finished":
+            return "completed"
+        return "failed"
+    if tasks_reported >= k:
+        return "completed"
+    return "failed" if error else "early_stopped"
 
 
 def _make_callback(key: str):
@@ -489,9 +506,10 @@ def _tune_objects(sweep: dict, space: SearchSpace, concurrency: int):
 
     k = sweep["validation"]["tasks"]
     if sweep["scheduler"] == "asha":
-        # max_t = k and stop_last_trials=False: a trial is never killed at its last task for reaching max_t,
-        # so the runs that survive every rung finish normally (and write their result.json).
-        scheduler = ASHAScheduler(time_attr=TIME_ATTR, max_t=k, grace_period=sweep["grace_period"],
+        # Rungs at grace * rf^i tasks, up to k - 1 (max_t): stopping a trial after its last task saves nothing,
+        # and with stop_last_trials=False a trial that survived every rung is never killed at the end.
+        scheduler = ASHAScheduler(time_attr=TIME_ATTR, max_t=max(k - 1, sweep["grace_period"]),
+                                  grace_period=sweep["grace_period"],
                                   reduction_factor=sweep["reduction_factor"], stop_last_trials=False)
     else:
         scheduler = FIFOScheduler()
@@ -581,7 +599,7 @@ def _fit(sweep: dict, space: SearchSpace, options, restore: bool, exp_dir: Path,
     embedded = not (options.address or os.environ.get("RAY_ADDRESS"))
     log(f"ray: {_fmt_cpus(total)}: {plan.describe()}")
     setup = {"output_dir": sweep["sweep_dir"], "plan": asdict(plan), "max_failures": int(options.max_failures),
-             "verbose": bool(options.verbose), "env": ray_env(embedded)}
+             "verbose": bool(options.verbose), "env": ray_env(embedded), "record_failures": False}
     trainable = tune.with_resources(tune.with_parameters(sweep_trainable, sweep=_trial_sweep(sweep), setup=setup),
                                     {"CPU": plan.trainable_cpus})
     if restore:
@@ -594,7 +612,9 @@ def _fit(sweep: dict, space: SearchSpace, options, restore: bool, exp_dir: Path,
             tune_config=tune.TuneConfig(metric=sweep["metric"], mode="max", scheduler=scheduler,
                                         search_alg=search_alg, num_samples=sweep["num_samples"],
                                         max_concurrent_trials=plan.concurrency,
-                                        reuse_actors=True,   # a finished trial's process serves the next one
+                                        # Not reused: Tune cannot reset an actor whose trial ASHA stopped mid-run
+                                        # (its thread is still inside fit()) and fails the next trial instead.
+                                        reuse_actors=False,
                                         trial_name_creator=lambda t: t.trial_id,
                                         trial_dirname_creator=lambda t: t.trial_id),
             run_config=tune.RunConfig(name=exp_dir.name, storage_path=str(exp_dir.parent),
@@ -614,16 +634,15 @@ def summarise(sweep: dict, grid, driver: SweepDriver | None = None) -> dict:
     trials = []
     for r in grid:
         m = r.metrics or {}
-        trial_id = m.get("trial_id") or (Path(r.path).name if r.path else "?")
+        trial_id = m.get("trial_id") or (Path(r.path).name if r.path else "?")   # dirs are named by trial id
         name = f"{sweep['name']}_{trial_id}"
         done = read_result(sweep["sweep_dir"], name)
+        if done is not None and done.get("status") == "finished" and done.get("history"):
+            # finished all k tasks: a STOP can land after the last task when tasks are short; the trial's own
+            # result is then the authority, not the last row Tune happened to process
+            m = {**m, **done["history"][-1]}
         seen = int(m.get(TIME_ATTR) or 0)
-        if done is not None and done.get("status") == "finished" and seen >= k:
-            outcome = "completed"
-        elif r.error is not None or (done is not None and done.get("status") != "finished") or seen >= k:
-            outcome = "failed"
-        else:
-            outcome = "early_stopped"
+        outcome = trial_outcome(done, seen, k, r.error is not None)
         values = {key: float(m[key]) if isinstance(m.get(key), (int, float)) else None for key in METRICS}
         trials.append({"trial": trial_id, "name": name, "outcome": outcome, "tasks_seen": seen, **values,
                        **{key: plain(r.config.get(key)) for key in sweep["swept"]}})

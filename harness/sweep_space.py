@@ -267,5 +267,5 @@ def plain(value: Any) -> Any:
 
 def best_config_yaml(values: dict[str, Any], header: list[str]) -> str:
     """A YAML options file: a comment header, then only the space's keys (as `--options best.yaml` takes)."""
-    body = yaml.safe_dump(plain(values), sort_keys=True, default_flow_style=None)
+    body = yaml.safe_dump(plain(values), sort_keys=True, default_flow_style=False)
     return "".join(f"# {line}\n" for line in header) + body

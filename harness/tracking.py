@@ -649,6 +649,18 @@ class BenchmarkTracker:
             return
         logger.finish(result)
 
+    def abort(self) -> None:
+        """The benchmark was interrupted (Ctrl-C) or crashed: end the open runs KILLED instead of leaving them
+        RUNNING; the same command resumes them (the parent run is found again by its name)."""
+        def close() -> None:
+            for logger in self._trials.values():
+                if logger.run_id is not None and not logger.closed:
+                    self.client.set_terminated(logger.run_id, STATUS_KILLED)
+            self.client.set_terminated(self.parent_run_id, STATUS_KILLED)
+
+        self.paused = False
+        self._guard("abort", close)
+
     # ---- end of the benchmark ---------------------------------------------------------------------
     def end_benchmark(self, results: list[dict], specs: list[dict] | None = None,
                       status: str | None = None) -> "pd.DataFrame | None":

@@ -237,26 +237,30 @@ def _fwd_bwd(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, lis
     return out.detach(), [p.grad.detach().clone() for p in model.parameters()]
 
 
-def test_channels_last_resnet32_matches_nchw() -> None:
-    """Outputs agree to float precision. Gradients of a 31-layer BN network on a batch of 8 are ill-conditioned
-    (fp32 NCHW itself is ~2% off the fp64 result in some layers), so each layout is compared with fp64: the
-    channels-last error must be of the same size as the NCHW error, layer by layer."""
+def _rel(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    fa, fb = (torch.cat([t.double().flatten() for t in ts]) for ts in (a, b))
+    return ((fa - fb).norm() / fb.norm()).item()
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_channels_last_resnet32_matches_nchw(train: bool) -> None:
+    """Eval-mode BatchNorm: outputs and gradients agree to fp32 precision. Train-mode BatchNorm on a batch of 8
+    is ill-conditioned backwards: a 1e-7 relative nudge of the input moves NCHW's own fp32 gradients by up to
+    ~4e-3 and fp32 NCHW is up to 1.4e-2 off fp64 (measured), so there gradients are only held to that level;
+    outputs and BN running statistics still agree to fp32 precision."""
     import copy
 
     torch.manual_seed(0)
-    model = build_backbone("resnet32").train()
+    model = build_backbone("resnet32").train(train)
     x = torch.randn(8, 3, 32, 32)
-    ref_out, ref_grads = _fwd_bwd(copy.deepcopy(model).double(), x.double())
-    out, grads = _fwd_bwd(copy.deepcopy(model), x)
+    nchw = copy.deepcopy(model)
+    out, grads = _fwd_bwd(nchw, x)
     cl_model = copy.deepcopy(model).to(memory_format=torch.channels_last)
     assert cl_model.stem[0].weight.is_contiguous(memory_format=torch.channels_last)
     cl_out, cl_grads = _fwd_bwd(cl_model, x.contiguous(memory_format=torch.channels_last))
     torch.testing.assert_close(cl_out, out, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(cl_out.double(), ref_out, rtol=1e-4, atol=1e-5)
-    for g, cl, ref in zip(grads, cl_grads, ref_grads):
-        err = ((g.double() - ref).norm() / ref.norm()).item()
-        cl_err = ((cl.double() - ref).norm() / ref.norm()).item()
-        assert cl_err <= 3 * err + 1e-4, (cl_err, err)
+    torch.testing.assert_close(list(cl_model.buffers()), list(nchw.buffers()), rtol=1e-4, atol=1e-5)
+    assert _rel(cl_grads, grads) < (5e-2 if train else 1e-3)   # eval: measured 1e-4 (NCHW fp32 vs fp64 alike)
 
 
 def test_channels_last_auto_picks_cnns_only() -> None:
@@ -339,6 +343,28 @@ def test_train_phase_with_batched_augment_and_channels_last() -> None:
     assert method.model[0].body[0].weight.is_contiguous(memory_format=torch.channels_last)
 
 
+def test_repeated_copies_on_different_ranks_get_different_augmentations() -> None:
+    """Every rank seeds its global RNG alike; the batched path draws from a per-rank generator, so the copies of
+    an image that repeated augmentation sends to different ranks are augmented differently."""
+    arr = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
+    data = ArrayData(arr, np.arange(8) % 2, ["a", "b"])
+    tf = build_batched_transform(CIFAR, {"augment": "randaugment"})
+    phase = PhaseConfig(epochs=1, batch_size=8, lr=0.0, sched="constant", repeated_aug=2)
+    inputs, images = {}, {}
+    for rank in (0, 1):
+        torch.manual_seed(0)
+        method = _TinyMethod()
+        method.training_step = lambda batch, task, phase, m=method, r=rank: (
+            inputs.setdefault(r, batch[0].clone()), m.model(batch[0]).sum() * 0)[1]
+        sampler_batches = list(__import__("harness.loop", fromlist=["GlobalBatchSampler"]).GlobalBatchSampler(
+            8, 8, rank, 2, seed=0 + 7919 * 0 + __import__("zlib").crc32(b"train") % 997, repeats=2))
+        images[rank] = sampler_batches[0]
+        train_phase(method, TaskDataset(data, None), phase, TaskInfo(0, 1, (0, 1), 0, 2),
+                    RuntimeContext(rank=rank, world_size=2, progress=False), seed=0, batch_transform=tf)
+    assert images[0] == images[1]                 # both ranks got the same images (the copies) ...
+    assert not torch.allclose(inputs[0], inputs[1])   # ... augmented differently
+
+
 def test_trial_runs_with_every_speed_option(tmp_path: Path) -> None:
     from harness.config import resolve_config
     from harness.launch import run_local
@@ -395,3 +421,21 @@ def test_perf_script_quick_mode(script: str, tmp_path: Path) -> None:
                 if key in r:
                     assert r[key] > 0 and math.isfinite(r[key])
     sys.modules.pop(f"perf_{path.stem}", None)
+
+
+@pytest.mark.slow
+def test_train_phase_compiled_matches_eager() -> None:
+    """`compile: true` in the real loop (inductor, gcc on CPU): the same losses as eager, step for step."""
+    arr = np.random.default_rng(1).integers(0, 256, (32, 32, 32, 3), dtype=np.uint8)
+    data = TaskDataset(ArrayData(arr, np.arange(32) % 2, ["a", "b"]), build_transform(CIFAR, train=False))
+    phase = PhaseConfig(epochs=2, batch_size=8, lr=0.05, sched="constant")
+    task = TaskInfo(0, 1, (0, 1), 0, 2)
+    losses = {}
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        method = _TinyMethod()
+        stats = train_phase(method, data, phase, task, RuntimeContext(progress=False), seed=0,
+                            compile_model=compiled)
+        losses[compiled] = stats["loss"]
+        assert isinstance(method.net, torch.nn.Module) and method.net is method.model   # restored after the phase
+    assert math.isclose(losses[True], losses[False], rel_tol=1e-4), losses

@@ -80,7 +80,7 @@ def ray_session():
 
 def digits_specs(**overrides) -> list[dict]:
     options = {"backbone": NORM_FREE, "epochs": 2, "base_epochs": 2, "batch_size": 32, "lr": 0.05,
-               "incremental_lr": 0.05, "augment": "none", "memory_selection": "herding", "num_workers": 1}
+               "incremental_lr": 0.05, "augment": "none", "memory_selection": "random", "num_workers": 1}
     options.update(overrides)
     return expand_trials(resolve_config("replay", "digits-5x2", overrides=options))
 
@@ -169,7 +169,9 @@ def test_two_ddp_workers_match_one_worker(one_worker, tmp_path):
     assert two["world_size"] == 2 and two["distributed"] and two["backend"] == "gloo"
     assert two["resources"]["cpus_per_worker"] < 1            # fractional CPUs: 2 workers + trainable on 2 CPUs
     assert two["resources"]["threads_per_worker"] == one["resources"]["threads_per_worker"] == 1
-    # herding on features gathered from both ranks picks the very same exemplars
+    # the memory does not depend on the number of workers (random selection here: with herding, float-level
+    # weight differences can change late picks; tests/test_distributed.py shows that herding on features
+    # gathered from 2 ranks picks exactly what 1 process picks given the same weights)
     mem1 = last_checkpoint(out1, one["name"])["memory"]
     mem2 = last_checkpoint(tmp_path, two["name"])["memory"]
     assert mem1["classes"] == mem2["classes"] and mem1["indices"] == mem2["indices"]

@@ -2,7 +2,8 @@
 """Train-step throughput (images/s) and peak memory of each method's model, with and without the speed options.
 
   python benchmarks/perf/model_throughput.py             # full: batch 32 and 128, 2 rounds, + torch.compile
-  python benchmarks/perf/model_throughput.py --quick     # seconds (CI): batch 4, one step, one process
+  python benchmarks/perf/model_throughput.py --quick     # seconds (CI): batch 4, one step, one process,
+                                                         # a tiny DyTox (the numbers mean nothing)
   python benchmarks/perf/model_throughput.py --models icarl_t1 der_t10 --batches 128
 
 Models (CIFAR, 32 px, 100 classes in 10 tasks of 10, the "task" is how many tasks the model has grown to):
@@ -16,7 +17,9 @@ Variants, measured in the same run and interleaved (round r runs every variant o
   CNNs:   nchw (the plain layout) vs channels_last (`channels_last: auto` picks it for CNNs)
   DyTox:  explicit (softmax attention everywhere) vs sdpa (default: the task-attention block uses
           F.scaled_dot_product_attention) vs sdpa+gpsa (also the GPSA content attention, `fused_gpsa`)
-  --compile adds `compiled` (torch.compile of the network; first-step compile time reported separately).
+  `compiled` (full mode, icarl_t1 and dytox_t1 at the largest batch; --no-compile skips it): torch.compile of
+  the network on top of the default eager variant (channels-last / sdpa); the first step's time, which includes
+  the compilation, is reported separately.
 CPU: fp32, 1 intra-op thread by default (`--threads`; per-core numbers, and on a shared machine 2 threads on 2
 busy vCPUs ran 4x SLOWER than 1), every config in a fresh subprocess; peak memory = that process's max RSS (resource.getrusage), also
 given as the growth over the RSS after building the model. GPU (picked when CUDA is there): AMP bf16 and
@@ -37,6 +40,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import perfutil  # noqa: E402
 
+QUICK_DYTOX = dict(embed_dim=32, depth=2, num_heads=4, local_up_to_layer=1)   # --quick: code paths, not speed
 MODELS = ("dytox_t1", "dytox_t10", "icarl_t1", "icarl_t10", "der_t1", "der_t10")
 CLASSES_PER_TASK, NUM_TASKS = 10, 10
 
@@ -65,7 +69,7 @@ def _task(t: int):
                     num_total_classes=NUM_TASKS * CLASSES_PER_TASK)
 
 
-def build_step(model: str, variant: str, device, amp):
+def build_step(model: str, variant: str, device, amp, quick: bool = False):
     """(train-step function of (x, y) -> loss, the nn.Module trained, whether the model is channels-last)."""
     import torch
     import torch.nn.functional as F
@@ -75,7 +79,8 @@ def build_step(model: str, variant: str, device, amp):
     if name == "dytox":
         from methods.dytox import DyTox, DyToxConfig
 
-        net = DyTox(DyToxConfig(fused_attention=variant != "explicit", fused_gpsa=variant == "sdpa+gpsa"))
+        size = QUICK_DYTOX if quick else {}
+        net = DyTox(DyToxConfig(fused_attention=variant != "explicit", fused_gpsa=variant == "sdpa+gpsa", **size))
         for _ in range(tasks - 1):
             net.add_task(CLASSES_PER_TASK)
         net = net.to(device)
@@ -116,7 +121,7 @@ def build_step(model: str, variant: str, device, amp):
         method.before_task(_task(t))
     task = _task(tasks - 1)
     phase = method.main_phase(task)
-    channels_last = variant == "channels_last"
+    channels_last = variant in ("channels_last", "compiled")    # compiled: on top of the best eager layout
     if channels_last:
         method.model.to(memory_format=torch.channels_last)
     method.model.train()
@@ -137,7 +142,8 @@ def run_worker(config: dict) -> dict:
     device = torch.device(config["device"])
     amp = torch.bfloat16 if device.type == "cuda" else None
     torch.manual_seed(0)
-    step_loss, net, channels_last = build_step(config["model"], config["variant"], device, amp)
+    step_loss, net, channels_last = build_step(config["model"], config["variant"], device, amp,
+                                               quick=config.get("quick", False))
     rss_built = _rss_mb()
     params = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=0.01, momentum=0.9)
@@ -212,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     args.output = args.output or perfutil.default_output("model_throughput", args.quick)
 
     configs = [{"model": m, "batch": b, "variant": v, "device": device, "steps": args.steps,
-                "warmup": args.warmup, "threads": args.threads}
+                "warmup": args.warmup, "threads": args.threads, "quick": args.quick}
                for m in args.models for b in args.batches
                for v in variants_of(m, m in compile_models and b == max(args.batches))]
     results: dict[tuple, list[dict]] = {}
