@@ -285,11 +285,14 @@ def test_sweep_end_to_end_asha_mlflow_no_test_reads_and_best_config(tmp_path, au
     _install_in_process(site_dir, monkeypatch)      # the driver too (it must not read data either)
 
     # lr 1e-6 / 1e-7 barely move the network: chance (~50%) on the first 2-class task, against ~65-90% for the
-    # two good ones. Two trials at once and trials created as slots free up: the bad ones start only after a
-    # good one has passed the rung, so ASHA (rung after task 1 only, reduction 4) must stop them.
+    # two good ones. One trial at a time: the bad ones start only after a good one has passed the rung, so ASHA
+    # (rung after task 1 only, reduction 4) must stop them. One at a time also means each trial takes the whole
+    # machine (1.95 CPU): a stopped trial whose CPUs Ray failed to free would hang the next one (it did, before
+    # the embedded Ray got its dashboard: see harness.ray_launch.init_ray).
     space = _write_space(tmp_path, "lr: {grid: [0.05, 0.03, 1.0e-6, 1.0e-7]}\n")
     started = time.perf_counter()
-    rc = sweep_main(_args(tmp_path, space, "--search", "grid", "--reduction-factor", "4", "--val-tasks", "3"))
+    rc = sweep_main(_args(tmp_path, space, "--search", "grid", "--reduction-factor", "4", "--val-tasks", "3",
+                          "--max-concurrent-trials", "1"))
     elapsed = time.perf_counter() - started
     assert rc == 0
     assert not ray.is_initialized()                  # the sweep shut down the Ray it started
