@@ -70,3 +70,46 @@ def test_corrupted_checkpoint_gives_one_clear_error(tmp_path):
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 2, out.stderr
     assert out.stderr.strip().splitlines()[-1].startswith("error: cannot read checkpoint")
+
+
+def _cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "run_benchmark.py", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_cli_logs_to_mlflow_and_prints_the_leaderboard_it_wrote(tmp_path):
+    """The whole CLI path on the embedded defaults (sqlite MLflow in the output dir), local launcher."""
+    import pandas as pd
+    from mlflow import MlflowClient
+
+    out = _cli("--method", "finetune", "--suite", "digits-5x2", "--seeds", "0", "1", "--launcher", "local",
+               "--epochs", "1", "--output-dir", str(tmp_path), "--quiet")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "| Method | Suite |" in out.stdout and "| finetune | digits-5x2 |" in out.stdout
+    board = pd.read_csv(tmp_path / "leaderboard.csv")
+    assert len(board) == 1 and board.loc[0, "finished"] == 2 and board.loc[0, "failed"] == 0
+    results = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("trials/*/result.json"))]
+    avgs = [r["metrics"]["cnn"]["average_incremental_accuracy"] for r in results]
+    assert board.loc[0, "avg_inc_acc_mean"] == pytest.approx(sum(avgs) / 2)     # the table is what the trials got
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("clbench")
+    (parent,) = client.search_runs([exp.experiment_id], "tags.run_kind = 'benchmark'")
+    assert parent.info.status == "FINISHED"
+    children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert len(children) == 2 and all(len(client.get_metric_history(c.info.run_id, "accuracy")) == 5
+                                      for c in children)
+    # `report` reads the same store back into the same numbers
+    again = _cli("report", "--output-dir", str(tmp_path / "report"), "--tracking-uri",
+                 f"sqlite:///{tmp_path / 'mlflow.db'}", "--no-plots")
+    assert again.returncode == 0, again.stderr
+    assert pd.read_csv(tmp_path / "report" / "leaderboard.csv").loc[0, "avg_inc_acc_mean"] == pytest.approx(
+        board.loc[0, "avg_inc_acc_mean"])
+
+
+def test_unreachable_tracking_server_stops_before_training(tmp_path):
+    out = _cli("--method", "finetune", "--suite", "digits-5x2", "--launcher", "local", "--epochs", "1",
+               "--output-dir", str(tmp_path), "--tracking-uri", "http://127.0.0.1:9", "--quiet", timeout=120)
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: ") and "127.0.0.1:9" in lines[-1]
+    assert not (tmp_path / "trials").exists()       # nothing trained, nothing half-written
