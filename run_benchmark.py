@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory-size", type=int, help="total rehearsal memory budget")
     p.add_argument("--num-workers", type=int, help="DDP workers per trial")
     p.add_argument("--device", help="auto | cpu | cuda")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the training forward (same as --set compile=true; docs/PERFORMANCE.md)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     t = p.add_argument_group("tracking (MLflow; see docs/TRACKING.md)")
     t.add_argument("--tracking-uri", help="MLflow tracking URI: http://host:port (a running server, checked before "
@@ -78,6 +80,10 @@ def overrides_from_args(args: argparse.Namespace, config_defaults: dict) -> dict
            "memory_size": args.memory_size, "num_workers": args.num_workers, "device": args.device,
            "cpus_per_worker": args.cpus_per_worker, "gpus_per_worker": args.gpus_per_worker,
            "orders": args.orders, "seeds": args.seeds}
+    if args.compile:
+        out["compile"] = True
+    if args.batch_size is not None:      # every task's batch, as the flag says (not only the first task's)
+        out["incremental_batch_size"] = args.batch_size
     if args.lr is not None:
         out.update(lr=args.lr, incremental_lr=args.lr)
     for item in args.set:

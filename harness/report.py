@@ -59,9 +59,16 @@ def load_published(path: str | Path = PUBLISHED) -> list[dict]:
 def find_published(entries: Sequence[dict], method: str, suite: str, variant: str | None) -> dict | None:
     """The entry for a run group: same method and suite, variant (or alias) equal, else the primary entry."""
     candidates = [e for e in entries if e["method"] == method and suite in (e.get("suites") or [])]
+    names = lambda e: {e["variant"], *(e.get("aliases") or [])}  # noqa: E731
     for e in candidates:
-        if variant is not None and (variant == e["variant"] or variant in (e.get("aliases") or [])):
+        if variant is not None and variant in names(e):
             return e
+    # A combined variant (`cifar100+plus`: recipe + options files) matches on any of its parts.
+    parts = [] if variant is None else variant.split("+")
+    for part in reversed(parts):           # the last options file says the most
+        for e in candidates:
+            if part in names(e):
+                return e
     primary = [e for e in candidates if e.get("primary")]
     return primary[0] if primary else None
 

@@ -11,7 +11,7 @@ split is never loaded (run_trial does not call load_dataset(..., "test") when sp
 
 Where things go (<output_dir>/sweeps/<name>/, <name> deterministic, so `--resume` finds it again):
     tune/                   Ray Tune's experiment state (Tuner.restore reads it)
-    trials/<trial>/         per-trial checkpoints and result.json (as with run_benchmark.py)
+    trials/<name>_<trial id>/  per-trial checkpoints and result.json (as with run_benchmark.py)
     ray/<trial>/            Ray Train's checkpoints
     results.csv, best.yaml  every trial's outcome; the best configuration (`run_benchmark.py --options best.yaml`)
 MLflow: experiment `clbench-sweeps` (kept apart from benchmark leaderboards), a parent run per sweep
@@ -85,7 +85,7 @@ def add_sweep_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     o.add_argument("--data-path", help="dataset directory (official layout)")
     o.add_argument("--output-dir", default="results",
                    help="sweeps go to <output-dir>/sweeps/<name>/ (default: ./results)")
-    o.add_argument("--name", help="sweep name (default: method_suite_<hash of the sweep's settings>)")
+    o.add_argument("--name", help="sweep name (default: <method>_<suite>_sweep-<hash of the sweep's settings>)")
     o.add_argument("--resume", action="store_true",
                    help="continue the interrupted sweep with the same settings (Tuner.restore); finished trials "
                         "are kept, not rerun")
