@@ -3,13 +3,12 @@
 
   python benchmarks/compare_cifar10.py                               # finetune, replay, icarl, der
   python benchmarks/compare_cifar10.py --methods finetune replay icarl der dytox
-  python benchmarks/compare_cifar10.py --suite digits-5x2 --no-budget # smoke test in seconds
+  python benchmarks/compare_cifar10.py --suite digits-5x2             # smoke test in seconds
 
 Every method runs every class order of the suite (seed from the suite) through the harness API (local launcher:
 one trial after another in this process; finished trials under --output-dir are skipped, unfinished ones
-resume). The same budget overrides every method's `cpu` recipe: EPOCH_BUDGET for all methods, CNN_BUDGET
-(backbone and SGD learning rate) for the CNN methods only -- a transformer such as DyTox keeps its own
-optimiser. The table (mean +- std over orders of the main head, plus iCaRL's second head) goes to stdout and to
+resume). The budget is the suite's `budget` (the same for every method, over each method's `cpu` recipe: a
+transformer such as DyTox keeps its own optimiser and model). The table (mean +- std over orders of the main head, plus iCaRL's second head) goes to stdout and to
 --markdown, with the checks this comparison exists for:
   last accuracy:            icarl > finetune and der > finetune
   avg incremental accuracy: finetune < replay <= icarl
@@ -27,12 +26,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-# The shared budget, sized for ~35 minutes for the 4 default methods x 2 orders on 2 dedicated CPU cores:
-# 3 epochs per task (lr / 10 for the last), a reduced ResNet-18 of width 8 (0.18 M parameters). Per core it
-# trains ~590 images/s (ResNet-32 at full width: ~120), and the 8 trials make ~1.6 M training-image passes
-# (teacher and frozen-extractor forwards included) + ~0.8 M inference passes (herding, NME means, tests).
-EPOCH_BUDGET = {"epochs": 3, "base_epochs": 3, "milestones": [2], "base_milestones": [2], "batch_size": 64}
-CNN_BUDGET = {"backbone": "resnet18_reduced", "backbone_width": 8, "lr": 0.1, "incremental_lr": 0.1}
+# The shared budget is the suite's own (benchmarks/suites/cifar10-5x2.yaml `budget`: 1,000 training images per
+# class, 5 epochs per task, batch 32, a reduced ResNet-18 of width 8 for the CNN methods), so that
+# `run_benchmark.py --method M --suite cifar10-5x2` reproduces a row of the table. --set adds overrides.
 CNN_METHODS = {"finetune", "replay", "joint", "icarl", "der"}
 DEFAULT_METHODS = ["finetune", "replay", "icarl", "der"]
 
@@ -49,7 +45,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "else <output-dir>/comparison.md)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="extra override for every method (YAML value), applied after the budget")
-    p.add_argument("--no-budget", action="store_true", help="use each method's recipes as they are")
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (default: torch's, one per core). On a machine shared with other "
                         "jobs use 1: two spinning threads on oversubscribed cores can run several times slower")
@@ -62,10 +57,6 @@ def overrides_for(method: str, args: argparse.Namespace) -> dict:
     from harness.errors import ConfigError
 
     out: dict = {}
-    if not args.no_budget:
-        out.update(EPOCH_BUDGET)
-        if method in CNN_METHODS:
-            out.update(CNN_BUDGET)
     for item in args.set:
         if "=" not in item:
             raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
@@ -161,8 +152,10 @@ def main(argv: list[str] | None = None) -> int:
     verdict = checks(means)
 
     first = next(iter(configs.values()))
-    budget = "each method's own recipes (--no-budget)" if args.no_budget else (
-        f"{EPOCH_BUDGET} for every method; {CNN_BUDGET} for the CNN methods")
+    budget = (f"the suite's, for every method: {first.get('train_per_class') or 'all'} training images per class, "
+              f"{first['base_epochs']}/{first['epochs']} epochs (first/later tasks), batch {first['batch_size']}; "
+              f"CNN methods on {first['backbone']} (width {first.get('backbone_width')}); "
+              "DyTox on its reduced cpu recipe")
     torch_threads = _torch_threads()
     doc = [
         f"# {first['suite']}: class-incremental comparison",

@@ -91,6 +91,10 @@ def run_trial(spec: dict, ctx: RuntimeContext) -> dict:
     seed_everything(seed)
     info = dataset_info(config["dataset"], config.get("data_path"))
     train = load_dataset(config["dataset"], config.get("data_path"), "train", download=bool(config.get("download")))
+    if config.get("train_per_class"):     # reduced CPU budgets: a fixed subsample of every class
+        from harness.data.base import subsample_per_class
+
+        train = subsample_per_class(train, int(config["train_per_class"]))
     validation = spec.get("validation")   # sweep protocol (harness.sweep): the test split is never loaded
     if validation:
         from harness.sweep_space import validation_split

@@ -384,3 +384,19 @@ def test_array_data_helpers():
     assert ArrayData(np.asarray(["a.jpg"]), np.asarray([0]), ["a"]).is_paths
     with pytest.raises(ValueError):
         ArrayData(np.zeros((2, 2, 2, 3)), np.asarray([0]), ["a"])
+
+
+def test_train_per_class_subsample_is_stratified_fixed_and_ordered():
+    from harness.data.base import subsample_per_class
+
+    y = np.repeat(np.arange(3), [10, 4, 7])
+    data = ArrayData(np.arange(len(y) * 2, dtype=np.uint8).reshape(len(y), 2, 1, 1), y, ["a", "b", "c"])
+    sub = subsample_per_class(data, 5)
+    assert np.bincount(sub.y).tolist() == [5, 4, 5]                      # class b has only 4: all kept
+    again = subsample_per_class(data, 5)
+    assert np.array_equal(sub.x, again.x)                              # fixed draw
+    firsts = sub.x[:, 0, 0, 0]
+    assert np.all(np.diff(firsts.astype(int)) > 0)                     # original order kept
+    assert not np.array_equal(sub.x[:5], data.x[:5])                  # a draw, not the first 5
+    with pytest.raises(ConfigError):
+        subsample_per_class(data, 0)

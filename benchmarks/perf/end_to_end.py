@@ -38,12 +38,12 @@ VARIANTS = {
 
 
 def budget_overrides(method: str, budget: str) -> dict:
+    """`compare`: the suite's own budget (as benchmarks/compare_cifar10.py); `recipe`: the method's cpu recipe."""
     if budget == "recipe":
-        return {}
-    sys.path.insert(0, str(perfutil.ROOT / "benchmarks"))
-    from compare_cifar10 import CNN_BUDGET, CNN_METHODS, EPOCH_BUDGET
-
-    return {**EPOCH_BUDGET, **(CNN_BUDGET if method in CNN_METHODS else {})}
+        return {"train_per_class": None, "epochs": 8, "base_epochs": 8, "milestones": [6], "base_milestones": [6],
+                "batch_size": 64, "backbone": "resnet32", "backbone_width": None} if method != "dytox" else {
+                "train_per_class": None, "epochs": 8, "base_epochs": 8, "batch_size": 64}
+    return {}
 
 
 def run_variant(method: str, suite: str, overrides: dict, scratch: Path) -> dict:
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", default=None)
     args = p.parse_args(argv)
     if args.quick:
-        args.suite, args.epochs, args.budget = "digits-5x2", 1, "recipe"   # the suite's own tiny_cnn budget
+        args.suite, args.epochs, args.budget = "digits-5x2", 1, "compare"   # the suite's own tiny_cnn budget
         if args.methods == p.get_default("methods"):
             args.methods = ["finetune", "icarl", "der"]
     if args.compile and "compiled" not in args.variants:

@@ -69,3 +69,23 @@ def check_split(split: str) -> str:
     if split != "train":
         raise ConfigError(f"unknown split {split!r}: use 'train' or 'test'")
     return split
+
+
+def subsample_per_class(data: ArrayData, per_class: int, seed: int = 0) -> ArrayData:
+    """At most `per_class` samples of every class, drawn with a fixed seed per class (the same whatever the
+    class order, the trial's seed or the number of workers), kept in their original order. For reduced
+    budgets on CPU (option `train_per_class`); classes with fewer samples keep them all."""
+    import numpy as np
+
+    if per_class < 1:
+        from harness.errors import ConfigError
+
+        raise ConfigError(f"train_per_class must be >= 1, got {per_class}")
+    y = np.asarray(data.y)
+    keep = []
+    for c in np.unique(y):
+        idx = np.flatnonzero(y == c)
+        if len(idx) > per_class:
+            idx = np.sort(idx[np.random.default_rng([seed, int(c)]).permutation(len(idx))[:per_class]])
+        keep.append(idx)
+    return data.subset(np.sort(np.concatenate(keep)))
