@@ -74,6 +74,13 @@ def _mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} +- {std:.2f}"
 
 
+def old_task_accuracy(matrix: list[list[float | None]]) -> float:
+    """Mean accuracy on the tasks before the last one, after the last task (finetune: near 0 = forgetting)."""
+    last = matrix[-1]
+    olds = [v for v in last[:-1] if v is not None]
+    return sum(olds) / len(olds) if olds else float("nan")
+
+
 def summarise(results_by_method: dict[str, list[dict]]) -> tuple[list[dict], dict[str, dict[str, float]]]:
     """Rows of the table (one per method and head) and the mean numbers the checks use (main head)."""
     rows, means = [], {}
@@ -85,9 +92,11 @@ def summarise(results_by_method: dict[str, list[dict]]) -> tuple[list[dict], dic
             last = [r["metrics"][head]["last_accuracy"] for r in done]
             forg = [r["metrics"][head]["forgetting"] for r in done if r["metrics"][head].get("forgetting") is not None]
             per_order = ", ".join(f"{r['order']}: {r['metrics'][head]['last_accuracy']:.1f}" for r in done)
+            old_tasks = [old_task_accuracy(r["metrics"][head]["accuracy_matrix"]) for r in done]
             rows.append({
                 "method": method if i == 0 else f"{method} ({head} head)", "head": head,
                 "avg inc acc": _mean_std(avg), "last acc": _mean_std(last), "forgetting": _mean_std(forg),
+                "old tasks acc at end": _mean_std(old_tasks),
                 "last acc per order": per_order, "trials": f"{len(done)}/{len(results)}",
                 "params (M)": f"{max(r['parameters'] for r in done) / 1e6:.3f}",
                 "time (min)": f"{sum(r['wall_time_s'] for r in done) / 60:.1f}" if i == 0 else "",
