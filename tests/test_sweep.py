@@ -276,6 +276,7 @@ def test_validation_split_is_stratified_disjoint_and_fixed():
 # ---------------------------------------------------------------------------------------------------------
 # 3 + 4. the sweep end to end, no test sample read, the best config into a normal run
 # ---------------------------------------------------------------------------------------------------------
+@pytest.mark.timeout(1500)   # ~100 s alone; each Ray trial start is slow on a loaded 2-core box
 def test_sweep_end_to_end_asha_mlflow_no_test_reads_and_best_config(tmp_path, audited_env, monkeypatch):
     from mlflow import MlflowClient
 
