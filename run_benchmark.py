@@ -110,7 +110,12 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "sweep":     # `run_benchmark.py sweep ...`: hyper-parameter sweeps (docs/SWEEPS.md)
         from harness.sweep import main as sweep_main
 
-        return sweep_main(argv[1:])
+        try:
+            return sweep_main(argv[1:])
+        except KeyboardInterrupt:
+            print("interrupted: run the same sweep command with --resume to continue it (finished trials are kept)",
+                  file=sys.stderr)
+            return 130
     if argv and argv[0] in ("report", "leaderboard"):   # leaderboard from any MLflow store (docs/TRACKING.md)
         from harness.report import main as report_main
 

@@ -238,6 +238,15 @@ def sweep_trainable(config: dict, sweep: dict, setup: dict) -> None:
     except HarnessError as exc:
         tune.report({"harness_error": str(exc), "harness_error_type": type(exc).__name__})
         return
+    from harness.results import read_result
+
+    done = read_result(setup["output_dir"], spec["name"])
+    if done is not None and done.get("status") == "finished":
+        # Finished before an interruption that Tune's saved state did not see yet (`--resume`): hand Tune the
+        # recorded per-task rows instead of training again.
+        for row in done.get("history") or []:
+            tune.report(dict(row))
+        return
     trial_trainable({"name": spec["name"]}, {spec["name"]: spec}, setup)
 
 
@@ -258,6 +267,7 @@ class SweepDriver:
         self.stopped: set[str] = set()
         self.closed: set[str] = set()
         self.user_error: tuple[str, str] | None = None
+        self.interrupted = False          # Ctrl-C during the run (Tune stops and returns; see SweepCallback.setup)
 
     def spec(self, trial) -> dict:
         return trial_spec(self.sweep, trial.config, trial.trial_id)
@@ -346,6 +356,25 @@ def _callback_classes() -> dict[str, type]:
 
         def __reduce__(self):
             return _make_callback, (self.key,)
+
+        def setup(self, **info) -> None:
+            """Tune has installed its Ctrl-C handler by now (it stops the run and returns normally): wrap it so
+            the driver knows the sweep was interrupted, not finished."""
+            import signal
+            import threading
+
+            if threading.current_thread() is not threading.main_thread():
+                return
+            tune_handler = signal.getsignal(signal.SIGINT)
+
+            def on_sigint(sig, frame, key=self.key):
+                driver = _DRIVERS.get(key)
+                if driver is not None:
+                    driver.interrupted = True
+                if callable(tune_handler):
+                    tune_handler(sig, frame)
+
+            signal.signal(signal.SIGINT, on_sigint)
 
         def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
             driver = _DRIVERS.get(self.key)
@@ -562,6 +591,12 @@ def run_sweep(args: argparse.Namespace, log: Callable[[str], None] = print) -> i
     status = "FAILED"
     try:
         grid = _fit(sweep, space, options, restore=args.resume, exp_dir=exp_dir, log=log)
+        # Tune catches Ctrl-C itself and returns: trials it left unfinished mean the sweep was interrupted
+        # (ASHA's stops are TERMINATED), so report it as such instead of summarising a partial sweep.
+        unfinished = [t for t in getattr(grid, "_experiment_analysis").trials
+                      if t.status not in ("TERMINATED", "ERROR")]
+        if driver.interrupted or unfinished:
+            raise KeyboardInterrupt(f"sweep interrupted; {len(unfinished)} trial(s) did not finish")
         if driver.user_error is not None:
             from harness.ray_launch import _error_class
 
