@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.method or not args.suite:
         build_parser().error("--method and --suite are required (see --list-methods, --list-suites)")
 
-    from harness.launch import LaunchOptions, launch
+    from harness.launch import LaunchOptions, TrialEvents, launch
     from harness.results import summary_table, to_markdown, write_json
     from harness.trials import expand_trials
 
@@ -167,8 +167,6 @@ def main(argv: list[str] | None = None) -> int:
     options = LaunchOptions(launcher=args.launcher, address=args.address,
                             max_concurrent_trials=args.max_concurrent_trials, max_failures=args.max_failures,
                             verbose=args.verbose)
-    from harness.launch import TrialEvents
-
     try:
         results = launch(specs, output_dir, options, progress=not args.quiet and sys.stderr.isatty(),
                          events=TrialEvents(print, tracker=tracker))

@@ -29,7 +29,6 @@ sys.path.insert(0, str(ROOT))
 # The shared budget is the suite's own (benchmarks/suites/cifar10-5x2.yaml `budget`: 1,000 training images per
 # class, 5 epochs per task, batch 32, a reduced ResNet-18 of width 8 for the CNN methods), so that
 # `run_benchmark.py --method M --suite cifar10-5x2` reproduces a row of the table. --set adds overrides.
-CNN_METHODS = {"finetune", "replay", "joint", "icarl", "der"}
 DEFAULT_METHODS = ["finetune", "replay", "icarl", "der"]
 
 

@@ -178,11 +178,12 @@ def plan_sweep(args: argparse.Namespace, log: Callable[[str], None] = print) -> 
         log(f"note: {base['suite']} has {total_tasks} task(s): tuning on all of them (--val-tasks {args.val_tasks})")
     scheduler = args.scheduler
     if scheduler == "asha" and args.grace_period >= k:
-        if args.grace_period != 1:
+        if args.grace_period != 1 and k > 1:
             raise ConfigError(f"--grace-period {args.grace_period} leaves no task to save out of the {k} tuning "
                               f"task(s): ASHA stops trials between tasks; use --grace-period 1..{k - 1}, more "
-                              "--val-tasks, or --scheduler fifo") if k > 1 else ConfigError(
-                f"one tuning task leaves ASHA nothing to stop; use --scheduler fifo or --val-tasks 2+")
+                              "--val-tasks, or --scheduler fifo")
+        if args.grace_period != 1:
+            raise ConfigError("one tuning task leaves ASHA nothing to stop; use --scheduler fifo or --val-tasks 2+")
         log(f"note: {k} tuning task(s) leave ASHA nothing to stop; running every trial to the end (fifo)")
         scheduler = "fifo"
     num_samples = args.num_samples or (1 if args.search == "grid" else 10)

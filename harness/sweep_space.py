@@ -232,20 +232,16 @@ def validation_split(train, validation: dict):
     Only the classes of the first k tasks are ever trained or evaluated on (run_trial stops after k tasks);
     later classes are held out the same way so the scenario keeps every class. The test split is never read.
     """
-    from harness.data import ArrayData
+    from harness.data.base import ArrayData, draw_per_class
 
     fraction, seed = float(validation.get("fraction", 0.1)), int(validation.get("seed", 0))
     if not 0 < fraction < 1:
         raise ConfigError(f"validation fraction must be in (0, 1), got {fraction}")
     y = np.asarray(train.y)
-    held = np.zeros(len(y), dtype=bool)
-    for c in np.unique(y):
-        idx = np.flatnonzero(y == c)
-        if len(idx) < 2:
-            raise DataError(f"class {int(c)} has {len(idx)} training sample(s): a validation split needs at least 2")
-        n_val = min(len(idx) - 1, max(1, int(round(fraction * len(idx)))))
-        pick = np.random.default_rng([seed, int(c)]).permutation(len(idx))[:n_val]
-        held[idx[pick]] = True
+    for c, n in zip(*np.unique(y, return_counts=True)):
+        if n < 2:
+            raise DataError(f"class {int(c)} has {n} training sample(s): a validation split needs at least 2")
+    held = draw_per_class(y, lambda n: min(n - 1, max(1, int(round(fraction * n)))), seed)
     keep, val = np.flatnonzero(~held), np.flatnonzero(held)
     return (ArrayData(train.x[keep], y[keep], train.class_names),
             ArrayData(train.x[val], y[val], train.class_names))

@@ -37,13 +37,16 @@ VARIANTS = {
 }
 
 
-def budget_overrides(method: str, budget: str) -> dict:
-    """`compare`: the suite's own budget (as benchmarks/compare_cifar10.py); `recipe`: the method's cpu recipe."""
-    if budget == "recipe":
-        return {"train_per_class": None, "epochs": 8, "base_epochs": 8, "milestones": [6], "base_milestones": [6],
-                "batch_size": 64, "backbone": "resnet32", "backbone_width": None} if method != "dytox" else {
-                "train_per_class": None, "epochs": 8, "base_epochs": 8, "batch_size": 64}
-    return {}
+def budget_overrides(method: str, budget: str, suite: dict) -> dict:
+    """`compare`: the suite's own budget (as benchmarks/compare_cifar10.py); `recipe`: every key of the suite's
+    budget put back to the method's `cpu` recipe value (else the harness default)."""
+    if budget != "recipe":
+        return {}
+    from harness.config import defaults, method_recipe
+
+    recipe, _ = method_recipe(method, "cpu", explicit=False)
+    base = {**defaults(), **recipe}
+    return {key: base.get(key) for key in suite.get("budget") or {}}
 
 
 def run_variant(method: str, suite: str, overrides: dict, scratch: Path) -> dict:
@@ -110,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
             for i, method in enumerate(args.methods):
                 order = args.variants if (i + rnd) % 2 == 0 else list(reversed(args.variants))
                 for variant in order:
-                    overrides = {**budget_overrides(method, args.budget), **VARIANTS[variant]}
+                    overrides = {**budget_overrides(method, args.budget, suite), **VARIANTS[variant]}
                     if args.epochs is not None:
                         overrides.update(epochs=args.epochs, base_epochs=args.epochs, milestones=[],
                                          base_milestones=[])

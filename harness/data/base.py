@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -71,21 +72,21 @@ def check_split(split: str) -> str:
     return split
 
 
-def subsample_per_class(data: ArrayData, per_class: int, seed: int = 0) -> ArrayData:
-    """At most `per_class` samples of every class, drawn with a fixed seed per class (the same whatever the
-    class order, the trial's seed or the number of workers), kept in their original order. For reduced
-    budgets on CPU (option `train_per_class`); classes with fewer samples keep them all."""
-    import numpy as np
-
-    if per_class < 1:
-        from harness.errors import ConfigError
-
-        raise ConfigError(f"train_per_class must be >= 1, got {per_class}")
-    y = np.asarray(data.y)
-    keep = []
+def draw_per_class(y: np.ndarray, count: Callable[[int], int], seed: int = 0) -> np.ndarray:
+    """Boolean mask over `y`: for every class c with n samples, `count(n)` of them, drawn with
+    np.random.default_rng([seed, c]) -- the same draw whatever the class order, the trial's seed or the number
+    of workers (reduced training sets, the sweeps' validation split)."""
+    y = np.asarray(y)
+    mask = np.zeros(len(y), dtype=bool)
     for c in np.unique(y):
         idx = np.flatnonzero(y == c)
-        if len(idx) > per_class:
-            idx = np.sort(idx[np.random.default_rng([seed, int(c)]).permutation(len(idx))[:per_class]])
-        keep.append(idx)
-    return data.subset(np.sort(np.concatenate(keep)))
+        mask[idx[np.random.default_rng([seed, int(c)]).permutation(len(idx))[:count(len(idx))]]] = True
+    return mask
+
+
+def subsample_per_class(data: ArrayData, per_class: int, seed: int = 0) -> ArrayData:
+    """At most `per_class` samples of every class (draw_per_class), kept in their original order. For reduced
+    budgets on CPU (option `train_per_class`); classes with fewer samples keep them all."""
+    if per_class < 1:
+        raise ConfigError(f"train_per_class must be >= 1, got {per_class}")
+    return data.subset(np.flatnonzero(draw_per_class(data.y, lambda n: min(n, per_class), seed)))
