@@ -108,12 +108,20 @@ def failed_result(spec: dict, error: str, tb: str | None = None) -> dict:
             "seed": spec["seed"], "status": "failed", "error": error, "traceback": tb}
 
 
-def finish_result(spec: dict, result: dict, launcher: str, clock=None) -> dict:
-    """What every launcher adds to run_trial's result before writing result.json."""
+def finish_result(spec: dict, result: dict, launcher: str, clock=None, startup: dict | None = None) -> dict:
+    """What every launcher adds to run_trial's result before writing result.json.
+
+    Start-up measurements (benchmarks/perf/harness_overhead.py): `first_step_unix`, and `startup_s`, the seconds
+    from the launcher's start of this trial to its first training step, by stage: the stages a launcher passes
+    in `startup` (Ray: `ray_train_start_s` from fit() to the worker running our function, `worker_imports_s`),
+    then `trial_setup_s` from run_trial's call (data, model) to the first training forward.
+    """
     result["config"] = spec["config"]
     result["launcher"] = launcher
     if clock is not None and clock.first_step_unix is not None:
-        result["first_step_unix"] = clock.first_step_unix    # start-up measurements (benchmarks/perf)
+        result["first_step_unix"] = clock.first_step_unix
+        if clock.started_unix is not None:
+            result["startup_s"] = {**(startup or {}), "trial_setup_s": clock.first_step_unix - clock.started_unix}
     return result
 
 

@@ -21,6 +21,7 @@ import math
 import os
 import shutil
 import tempfile
+import time
 import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -285,6 +286,7 @@ def _make_reporter(name: str, rank: int, staging_root: Path) -> Callable[[dict, 
 
 def train_worker(loop_config: dict) -> None:
     """One Ray Train worker of one trial: a RuntimeContext around the DDP process group, then run_trial."""
+    entered = time.time()      # start-up measurement: the imports below are paid in every new worker process
     import torch
     import torch.distributed as dist
     import ray.train
@@ -329,6 +331,10 @@ def train_worker(loop_config: dict) -> None:
     if ctx.world_size > 1 and not ctx.distributed:
         raise RuntimeError("Ray Train did not initialise torch.distributed; DDP cannot run")
     clock = FirstStepClock()
+    # From the trainable's fit() to our function running (Ray Train's controller and worker processes), then
+    # our imports; not measured on a restart (the time would include the failed attempt).
+    startup = None if restored else {"ray_train_start_s": entered - loop_config["launched_unix"],
+                                     "worker_imports_s": time.time() - entered}
     try:
         with clock.running():
             result = run_trial(spec, ctx)
@@ -338,7 +344,7 @@ def train_worker(loop_config: dict) -> None:
             marker.write_text(f"{type(exc).__name__}: {exc}\n")
         raise
     if rank == 0:
-        finish_result(spec, result, "ray", clock)
+        finish_result(spec, result, "ray", clock, startup)
         result.update(resources=loop_config.get("plan"), restored_from=restored, distributed=ctx.distributed,
                       backend=dist.get_backend() if dist.is_initialized() else None)
         write_json(result_path(output_dir, name), result)
@@ -393,7 +399,8 @@ def trial_trainable(config: dict, specs: dict[str, dict], setup: dict) -> None:
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"spec": spec, "output_dir": str(output_dir), "threads": plan.threads_per_worker,
-                           "use_gpu": plan.use_gpu, "verbose": setup["verbose"], "plan": setup["plan"]},
+                           "use_gpu": plan.use_gpu, "verbose": setup["verbose"], "plan": setup["plan"],
+                           "launched_unix": time.time()},
         scaling_config=ray.train.ScalingConfig(num_workers=plan.num_workers, use_gpu=plan.use_gpu,
                                                resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if plan.use_gpu else "gloo"),

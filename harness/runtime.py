@@ -70,6 +70,7 @@ class FirstStepClock:
     """
 
     def __init__(self) -> None:
+        self.started_unix: float | None = None       # when running() was entered (the trial's call)
         self.first_step_unix: float | None = None
         self._handle = None
 
@@ -85,6 +86,7 @@ class FirstStepClock:
 
     @contextlib.contextmanager
     def running(self) -> Iterator["FirstStepClock"]:
+        self.started_unix = time.time()
         self._handle = torch.nn.modules.module.register_module_forward_pre_hook(self._hook)
         try:
             yield self

@@ -34,6 +34,7 @@ def test_baselines_run_on_real_digits(tmp_path, method):
         assert cnn["last_accuracy"] > 60      # 10 classes, chance 10%
     saved = json.loads((tmp_path / "trials" / result["name"] / "result.json").read_text())
     assert saved["metrics"]["cnn"]["last_accuracy"] == cnn["last_accuracy"]
+    assert list(saved["startup_s"]) == ["trial_setup_s"] and saved["startup_s"]["trial_setup_s"] >= 0
     assert sorted(p.name for p in (tmp_path / "trials" / result["name"] / "checkpoints").iterdir())[:5] == [
         f"task_{t:03d}.pt" for t in range(5)]
 

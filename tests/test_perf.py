@@ -420,6 +420,10 @@ def test_perf_script_quick_mode(script: str, tmp_path: Path) -> None:
             for key in ("images_per_s", "wall_s_median"):
                 if key in r:
                     assert r[key] > 0 and math.isfinite(r[key])
+    for kind, launcher in report.get("summary", {}).items():   # harness_overhead: Ray vs the plain loop
+        assert launcher["wall_s_median"] > 0 and launcher["startup_s_median"] >= 0, kind
+        if launcher["threads"] == report["summary"]["local"]["threads"]:   # same threads: bitwise equal
+            assert launcher["same_metrics_as_local"], f"{kind} trained differently from the plain loop"
     sys.modules.pop(f"perf_{path.stem}", None)
 
 

@@ -154,6 +154,10 @@ def test_one_worker_trial_reports_each_task_and_checkpoints(one_worker):
     assert all("order=natural seed=0" in line and "acc=" in line for line in task_lines)
     assert any("finished avg_inc_acc=" in line for line in lines)
     assert result["metrics"]["cnn"]["accuracies"][0] > 80           # it learned something real
+    # start-up to the first training step, by stage, in order (benchmarks/perf/harness_overhead.py reads it)
+    startup = result["startup_s"]
+    assert list(startup) == ["ray_train_start_s", "worker_imports_s", "trial_setup_s"]
+    assert all(v >= 0 for v in startup.values()) and startup["ray_train_start_s"] > 0.1, startup   # new processes
     # Ray Train kept the last two task checkpoints under the absolute storage path, names without timestamps
     ray_run = out / "ray" / result["name"]
     assert sorted(p.name for p in ray_run.glob("task_*")) == ["task_003", "task_004"]
@@ -208,6 +212,7 @@ def test_worker_killed_at_task_2_resumes_to_the_same_metrics(one_worker, tmp_pat
     ckpts = tmp_path / "trials" / faulty["name"] / "checkpoints"
     assert (ckpts / "fault_injected_2").is_file()                       # the fault did fire
     assert faulty["restored_from"] in ("task_001.pt", "task_002.pt")     # restarted from a Ray checkpoint
+    assert "ray_train_start_s" not in faulty["startup_s"]                # would include the failed attempt
     assert faulty["metrics"]["cnn"]["accuracies"] == pytest.approx(clean["metrics"]["cnn"]["accuracies"], abs=1e-9)
     assert faulty["metrics"] == clean["metrics"]                         # bitwise, on CPU with 1 worker
     # each task is printed once, though task 3 ran twice at most
