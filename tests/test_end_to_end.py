@@ -15,8 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _digits_config(method: str, **overrides):
     base = {"backbone": "tiny_cnn", "epochs": 3, "base_epochs": 3, "batch_size": 32, "incremental_batch_size": 32,
-            "lr": 0.05,
-            "incremental_lr": 0.05, "augment": "none"}
+            "lr": 0.05, "incremental_lr": 0.05, "augment": "none"}
     base.update(overrides)
     return resolve_config(method, "digits-5x2", overrides=base)
 

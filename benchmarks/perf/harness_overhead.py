@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         pairs = [r["wall_s"] / l["wall_s"] for r, l in zip(runs[kind], runs["local"])]
         # The launcher's own time (wall minus the time inside run_trial) only adds up when trials run one at a time.
         serial = all(r["concurrency"] == 1 for r in runs[kind])
-        outside = [r["wall_s"] - sum(r["trial_s"]) for r in runs[kind]] if serial else []
+        outside = [r["wall_s"] - sum(r["trial_s"]) for r in runs[kind]]
         summary[kind] = {"wall_s_median": wall, "startup_s_median": median([r["startup_s"] for r in runs[kind]]),
                          "ratio_to_local": wall / local_wall, "paired_ratio_median": median(pairs),
                          "outside_trials_s_median": median(outside) if serial else None,
