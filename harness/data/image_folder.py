@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import stat
 import zipfile
 from pathlib import Path
 
@@ -24,7 +25,7 @@ SMALL_IMAGE = 64          # images up to this side are decoded into memory
 CACHE_VERSION = 1         # bump when the cached arrays' layout changes
 
 
-class _Source:
+class ImageSource:
     """The files of an image folder, from a directory or a zip, as relative posix names (`train/cat/1.jpg`)."""
 
     def __init__(self, path: Path) -> None:
@@ -47,7 +48,10 @@ class _Source:
                 except (zipfile.BadZipFile, OSError) as exc:
                     raise DataError(f"{self.path} is not a readable zip file ({exc}); replace it with a valid "
                                     "archive") from None
-                names = [n for n in self._zip.namelist() if not n.endswith("/")]
+                infos = self._zip.infolist()
+                for info in infos:
+                    refuse_unsafe_member(self.path, info)
+                names = [i.filename for i in infos if not i.is_dir()]
                 self.prefix = _zip_prefix(names)   # archives often wrap everything in one top folder
                 cut = len(self.prefix)
                 self._files = sorted(n[cut:] for n in names if n.startswith(self.prefix))
@@ -60,11 +64,30 @@ class _Source:
                 self._files.sort()
         return self._files
 
+    @property
+    def archive(self) -> zipfile.ZipFile:
+        """The open zip (listing it first: that checks every member name)."""
+        _ = self.files
+        return self._zip
+
     def read(self, name: str) -> bytes:
+        """The bytes of one file; a damaged zip member or an unreadable file is a DataError naming both."""
         if self.is_zip:
             _ = self.files          # listing opens the zip and finds its prefix
-            return self._zip.read(self.prefix + name)
-        return (self.path / name).read_bytes()
+            try:
+                return self._zip.read(self.prefix + name)
+            except Exception as exc:  # noqa: BLE001 -- BadZipFile (CRC), zlib.error, EOFError: a damaged archive
+                raise DataError(f"cannot read {self.prefix + name} from {self.path} ({type(exc).__name__}: {exc}); "
+                                "the archive is damaged: replace it with a good copy") from None
+        try:
+            return (self.path / name).read_bytes()
+        except OSError as exc:
+            raise DataError(f"cannot read {self.path / name} ({type(exc).__name__}: {exc.strerror or exc}); "
+                            "fix its permissions, or replace or delete it") from None
+
+    def where(self, name: str) -> str:
+        """How error messages name a file: `archive.zip:member` or the file's path."""
+        return f"{self.path}:{self.prefix + name}" if self.is_zip else str(self.path / name)
 
     def key(self) -> str:
         """Changes when the data does: size + mtime of the zip, or of every file of a directory."""
@@ -73,6 +96,27 @@ class _Source:
         for st in stats:
             h.update(f"{st.st_size}:{st.st_mtime_ns};".encode())
         return h.hexdigest()[:16]
+
+
+def unsafe_member_reason(info: zipfile.ZipInfo) -> str | None:
+    """Why extracting this member could write outside the destination, or None when it is safe."""
+    name = info.filename
+    parts = name.replace("\\", "/").split("/")
+    if name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":"):
+        return "an absolute path"
+    if ".." in parts:
+        return "a path with a '..' component"
+    if stat.S_ISLNK(info.external_attr >> 16):
+        return "a symbolic link"
+    return None
+
+
+def refuse_unsafe_member(archive: Path, info: zipfile.ZipInfo) -> None:
+    """Zip-slip guard: members that could escape the extraction folder stop the run before anything is written."""
+    reason = unsafe_member_reason(info)
+    if reason is not None:
+        raise DataError(f"{archive} contains {info.filename!r}, {reason}; refusing to read this archive: remove "
+                        "that member or re-create the zip with relative paths and no links")
 
 
 def _zip_prefix(names: list[str]) -> str:
@@ -89,7 +133,7 @@ def _zip_prefix(names: list[str]) -> str:
     return best or ""
 
 
-def _split_files(src: _Source, split: str) -> tuple[list[str], np.ndarray, list[str]]:
+def split_files(src: ImageSource, split: str) -> tuple[list[str], np.ndarray, list[str]]:
     """Files of one split and their class ids; classes are the sorted folder names under train/."""
     tops: dict[str, dict[str, list[str]]] = {}
     for f in src.files:
@@ -125,15 +169,31 @@ def _decode(data: bytes, where: str) -> np.ndarray:
         with Image.open(io.BytesIO(data)) as img:
             return np.asarray(img.convert("RGB"))
     except Exception as exc:  # noqa: BLE001 -- PIL raises many types for broken files
-        raise DataError(f"cannot decode image {where} ({type(exc).__name__}); remove or replace it") from None
+        raise DataError(f"cannot decode image {where} ({type(exc).__name__}); replace it with a good copy or "
+                        "delete it") from None
 
 
-def _decode_all(src: _Source, files: list[str]) -> np.ndarray:
-    first = _decode(src.read(files[0]), f"{src.path}:{files[0]}")
+def decode_file(src: ImageSource, name: str) -> np.ndarray:
+    """One image of the source as uint8 HWC RGB; a broken file is a DataError naming the folder/zip and file."""
+    return _decode(src.read(name), src.where(name))
+
+
+def decode_path(path: str | Path) -> np.ndarray:
+    """An image file outside any ImageSource (ImageNet-100's listed files)."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise DataError(f"cannot read image {path} ({type(exc).__name__}: {exc.strerror or exc}); put the file "
+                        "back, or fix its permissions") from None
+    return _decode(data, str(path))
+
+
+def _decode_all(src: ImageSource, files: list[str]) -> np.ndarray:
+    first = decode_file(src, files[0])
     out = np.empty((len(files), *first.shape), dtype=np.uint8)
     out[0] = first
     for i, f in enumerate(files[1:], start=1):
-        img = _decode(src.read(f), f"{src.path}:{f}")
+        img = decode_file(src, f)
         if img.shape != first.shape:
             raise DataError(f"{src.path}:{f} is {img.shape[1]}x{img.shape[0]} but {files[0]} is "
                             f"{first.shape[1]}x{first.shape[0]}: small images must all have the same size")
@@ -141,7 +201,7 @@ def _decode_all(src: _Source, files: list[str]) -> np.ndarray:
     return out
 
 
-def _cache_file(src: _Source, split: str) -> Path:
+def _cache_file(src: ImageSource, split: str) -> Path:
     return cache_dir() / "decoded" / f"{src.path.stem}-{split}-{src.key()}.npz"
 
 
@@ -164,13 +224,18 @@ def _save_cached(path: Path, data: ArrayData) -> None:
         pass                     # a read-only cache dir only costs speed
 
 
-def _extract(src: _Source, files: list[str]) -> np.ndarray:
+def _extract(src: ImageSource, files: list[str]) -> np.ndarray:
     """Large images in a zip: extract once into the cache dir; return their paths."""
     dest = cache_dir() / "extracted" / f"{src.path.stem}-{src.key()}"
     done = dest / f".complete-{hashlib.sha1('|'.join(files).encode()).hexdigest()[:12]}"
     if not done.exists():
+        root = dest.resolve()
         for f in files:
             target = dest / f
+            refuse_unsafe_member(src.path, src.archive.getinfo(src.prefix + f))
+            if not target.resolve().is_relative_to(root):   # second line of defence: never write outside dest
+                raise DataError(f"{src.path} member {src.prefix + f!r} would be written outside {dest}; "
+                                "re-create the zip with relative paths")
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(src.read(f))
         done.touch()
@@ -179,25 +244,35 @@ def _extract(src: _Source, files: list[str]) -> np.ndarray:
 
 def probe_image_folder(path: Path) -> tuple[list[str], int]:
     """Class names and the larger side of the first training image (to pick transforms)."""
-    src = _Source(path)
-    files, _, class_names = _split_files(src, "train")
-    with Image.open(io.BytesIO(src.read(files[0]))) as img:
-        return class_names, max(img.size)
+    src = ImageSource(path)
+    files, _, class_names = split_files(src, "train")
+    return class_names, image_side(src, files[0])
+
+
+def image_side(src: ImageSource, name: str) -> int:
+    """The larger side of one image, read from its header when the header is sound (no full decode)."""
+    try:
+        with Image.open(io.BytesIO(src.read(name))) as img:
+            return max(img.size)
+    except DataError:
+        raise
+    except Exception as exc:  # noqa: BLE001 -- PIL raises many types for broken files
+        raise DataError(f"cannot decode image {src.where(name)} ({type(exc).__name__}); replace it with a good "
+                        "copy or delete it") from None
 
 
 def load_image_folder(path: Path, split: str, decode: bool | None = None) -> ArrayData:
     """`decode`: True keeps pixels in memory, False keeps paths, None decides from the first image's size."""
-    src = _Source(path)
+    src = ImageSource(path)
     if decode is not False and src.is_zip:    # a zip's cache key needs no listing: try the cache first
         cached = _load_cached(_cache_file(src, split))
         if cached is not None:
             return cached
-    files, labels, class_names = _split_files(src, split)
+    files, labels, class_names = split_files(src, split)
     if not files:
         raise DataError(f"{path} has no images in its {split} split")
     if decode is None:
-        with Image.open(io.BytesIO(src.read(files[0]))) as img:
-            decode = max(img.size) <= SMALL_IMAGE
+        decode = image_side(src, files[0]) <= SMALL_IMAGE
     if not decode:
         x = _extract(src, files) if src.is_zip else np.asarray([str(path / f) for f in files])
         return ArrayData(x, labels, class_names)

@@ -14,7 +14,7 @@ from harness.errors import DataError
 SPLIT_FILES = {"train": "train_100.txt", "test": "val_100.txt"}
 
 
-def _find_split_file(data_path: Path, split: str, split_dir: Path | None) -> Path:
+def find_split_file(data_path: Path, split: str, split_dir: Path | None) -> Path:
     fname = SPLIT_FILES[split]
     candidates = [split_dir] if split_dir else [data_path, data_path / "imagenet100_splits"]
     for d in candidates:
@@ -42,7 +42,7 @@ def read_split_file(path: Path) -> tuple[list[str], np.ndarray]:
 
 
 def load_imagenet100(data_path: Path, split: str, split_dir: Path | None = None) -> ArrayData:
-    split_file = _find_split_file(data_path, split, split_dir)
+    split_file = find_split_file(data_path, split, split_dir)
     rels, y = read_split_file(split_file)
     if y.min() < 0:
         raise DataError(f"{split_file} has negative labels; labels must be 0..K-1")
@@ -64,8 +64,12 @@ def load_imagenet100(data_path: Path, split: str, split_dir: Path | None = None)
     return ArrayData(x, y, [names[i] for i in range(len(names))])
 
 
-def load_imagenet1000(data_path: Path, split: str) -> ArrayData:
+def require_imagenet1000(data_path: Path) -> None:
     if not (data_path / "train").is_dir():
         raise DataError(f"ImageNet not found in {data_path}: --data-path must hold train/<wnid>/*.JPEG and "
                         "val/<wnid>/*.JPEG")
+
+
+def load_imagenet1000(data_path: Path, split: str) -> ArrayData:
+    require_imagenet1000(data_path)
     return load_image_folder(data_path, split, decode=False)

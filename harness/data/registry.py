@@ -53,7 +53,7 @@ def dataset_info(name: str, data_path: str | None = None) -> DatasetInfo:
     return info
 
 
-def _cifar10_jpeg_source(data_path: str | None) -> Path:
+def cifar10_jpeg_source(data_path: str | None) -> Path:
     base = Path(data_path).expanduser() if data_path else SHARED_DATA
     for cand in (base, base / "cifar10-jpeg.zip", base / "cifar10-jpeg"):
         if (cand.suffix == ".zip" and cand.is_file()) or (cand / "train").is_dir():
@@ -62,16 +62,42 @@ def _cifar10_jpeg_source(data_path: str | None) -> Path:
                     "--data-path DIR holding cifar10-jpeg.zip")
 
 
+def cifar_root(data_path: str | None) -> Path:
+    return Path(data_path).expanduser() if data_path else default_data_dir()
+
+
+def cifar_missing_error(name: str, root: Path, missing: list[str]) -> DataError:
+    folder = cifar.cifar_dir(name, root)
+    return DataError(f"{name} not found: expected {folder}/ with {', '.join(missing)}; pass --download to fetch "
+                     f"it, or --data-path DIR holding {cifar.LAYOUTS[name][0]}/")
+
+
+def mini_zip() -> Path:
+    if not MINI_ZIP.is_file():
+        raise DataError(f"{MINI_ZIP} is missing from the checkout; rebuild it with "
+                        "python benchmarks/data/make_cifar10_mini.py")
+    return MINI_ZIP
+
+
+def image_folder_path(data_path: str | None) -> Path:
+    if not data_path:
+        raise ConfigError("dataset imagefolder needs --data-path: a folder or .zip with train/<class>/* and "
+                          "test/<class>/*")
+    return Path(data_path).expanduser()
+
+
+def imagenet_root(name: str, data_path: str | None) -> Path:
+    return Path(data_path).expanduser() if data_path else default_data_dir() / name
+
+
 def _load_cifar(name: str, data_path: str | None, split: str, download: bool) -> ArrayData:
-    root = Path(data_path).expanduser() if data_path else default_data_dir()
+    root = cifar_root(data_path)
     missing = cifar.missing_files(name, root)
     if missing and download:
         cifar.download(name, root)
         missing = cifar.missing_files(name, root)
     if missing:
-        folder = cifar.cifar_dir(name, root)
-        raise DataError(f"{name} not found: expected {folder}/ with {', '.join(missing)}; pass --download to fetch "
-                        f"it, or --data-path DIR holding {cifar.LAYOUTS[name][0]}/")
+        raise cifar_missing_error(name, root, missing)
     return cifar.load_cifar(name, root, split)
 
 
@@ -86,19 +112,13 @@ def load_dataset(name: str, data_path: str | None, split: str, download: bool = 
     if name in ("cifar10", "cifar100"):
         data = _load_cifar(name, data_path, split, download)
     elif name == "cifar10-jpeg":
-        data = load_image_folder(_cifar10_jpeg_source(data_path), split, decode)
+        data = load_image_folder(cifar10_jpeg_source(data_path), split, decode)
     elif name == "cifar10-mini":
-        if not MINI_ZIP.is_file():
-            raise DataError(f"{MINI_ZIP} is missing from the checkout; rebuild it with "
-                            "python benchmarks/data/make_cifar10_mini.py")
-        data = load_image_folder(MINI_ZIP, split, decode)
+        data = load_image_folder(mini_zip(), split, decode)
     elif name == "imagefolder":
-        if not data_path:
-            raise ConfigError("dataset imagefolder needs --data-path: a folder or .zip with train/<class>/* and "
-                              "test/<class>/*")
-        data = load_image_folder(Path(data_path).expanduser(), split, decode)
+        data = load_image_folder(image_folder_path(data_path), split, decode)
     elif name in ("imagenet100", "imagenet1000"):
-        root = Path(data_path).expanduser() if data_path else default_data_dir() / name
+        root = imagenet_root(name, data_path)
         if name == "imagenet100":
             data = load_imagenet100(root, split, Path(split_dir).expanduser() if split_dir else None)
         else:
