@@ -4,9 +4,15 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from pathlib import Path
+from typing import Callable
 
 import pandas as pd
+
+
+RESULT_KEYS = ("name", "status")                            # strings every result.json has
+FINISHED_KEYS = {"metrics": dict, "history": list}          # and a finished trial's numbers
 
 
 def result_path(output_dir: str | Path, name: str) -> Path:
@@ -28,14 +34,58 @@ def _jsonable(value):
     return str(value)
 
 
-def read_result(output_dir: str | Path, name: str) -> dict | None:
+def warn_stderr(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def move_aside(path: Path) -> Path | None:
+    """Rename a damaged file to `<name>.corrupt` (or `.corrupt-2`, ...: never over an earlier one) instead of
+    deleting the user's data; None when another process moved it first."""
+    target = path.with_name(path.name + ".corrupt")
+    n = 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.name}.corrupt-{n}")
+    try:
+        os.rename(path, target)
+    except FileNotFoundError:
+        return None
+    return target
+
+
+def _result_problem(data: object) -> str | None:
+    """What is wrong with a parsed result.json, or None when it has what the launchers and tables read."""
+    if not isinstance(data, dict):
+        return f"a JSON {type(data).__name__}, not an object"
+    missing = [k for k in RESULT_KEYS if not isinstance(data.get(k), str)]
+    if data.get("status") == "finished":
+        missing += [k for k, kind in FINISHED_KEYS.items() if not isinstance(data.get(k), kind)]
+    return f"no valid {', '.join(missing)}" if missing else None
+
+
+def read_result(output_dir: str | Path, name: str, warn: Callable[[str], None] = warn_stderr) -> dict | None:
+    """A trial's result, or None when it has none yet. A damaged result.json (not JSON, not an object, keys
+    missing) is moved aside to result.json.corrupt with one warning line and counts as not finished: the trial
+    then resumes from its checkpoints; other trials are not affected."""
     path = result_path(output_dir, name)
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
+        data = json.loads(path.read_text())
+        problem = _result_problem(data)
+    except (OSError, ValueError) as exc:    # ValueError: invalid JSON or bytes that are not UTF-8
+        data, problem = None, f"{type(exc).__name__}: {exc}"
+    if problem is None:
+        return data
+    try:
+        aside = move_aside(path)
+    except OSError as exc:
+        warn(f"{path} is unusable ({problem}) and cannot be moved aside ({exc.strerror or exc}); the trial runs "
+             "again and replaces it")
         return None
+    if aside is not None:
+        warn(f"{path} is unusable ({problem}); moved it to {aside.name}, the trial resumes from its checkpoints")
+    return None
 
 
 def trial_rows(results: list[dict]) -> pd.DataFrame:

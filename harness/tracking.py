@@ -105,6 +105,42 @@ def sqlite_path(uri: str) -> Path | None:
     return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
 
 
+SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def check_sqlite_store(path: str | Path) -> None:
+    """ConfigError (one line) when an existing file at `path` is not an MLflow sqlite store: garbage bytes, a
+    damaged database, another program's database, or unreadable. A missing or empty file is fine: MLflow
+    creates the tables. Reads only (the database is opened read-only)."""
+    import sqlite3
+
+    path = Path(path)
+    fix = "move it away or pass --tracking-uri / --no-tracking"
+    if not path.exists():
+        return
+    try:
+        with open(path, "rb") as f:
+            header = f.read(len(SQLITE_HEADER))
+    except OSError as exc:
+        raise ConfigError(f"cannot read the MLflow store {path} ({type(exc).__name__}: {exc.strerror or exc}); "
+                          f"fix its permissions, {fix}") from None
+    if not header:
+        return
+    if header != SQLITE_HEADER:
+        raise ConfigError(f"{path} is not an MLflow sqlite store (not an SQLite database); {fix}")
+    try:
+        db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+        try:
+            tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        finally:
+            db.close()
+    except sqlite3.Error as exc:
+        raise ConfigError(f"{path} is not an MLflow sqlite store (sqlite: {exc}); {fix}") from None
+    if tables and "experiments" not in tables:
+        raise ConfigError(f"{path} is not an MLflow sqlite store (an SQLite database without MLflow's tables); "
+                          f"{fix}")
+
+
 def probe_server(uri: str, timeout: float = 5.0) -> None:
     """GET <uri>/health with a short timeout; ResourceError (one line) when the server does not answer OK."""
     url = uri.rstrip("/") + "/health"
@@ -158,6 +194,7 @@ def check_tracking(uri: str, experiment: str = DEFAULT_EXPERIMENT, timeout: floa
         probe_server(uri, timeout)
     db = sqlite_path(uri)
     if db is not None:
+        check_sqlite_store(db)
         try:
             db.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:

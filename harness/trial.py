@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -21,6 +22,7 @@ from harness.memory import RehearsalMemory
 from harness.method import Method, TaskInfo
 from harness.metrics import ContinualMetrics
 from harness.registry import get_method
+from harness.results import move_aside, warn_stderr
 from harness.runtime import RuntimeContext, seed_everything
 from harness.scenarios import Scenario, resolve_class_order
 
@@ -63,19 +65,57 @@ def _save_checkpoint(path: Path, state: dict) -> None:
     os.replace(tmp, path)   # atomic: a crash never leaves a half-written checkpoint behind
 
 
-def latest_checkpoint(directory: str | None) -> Path | None:
+CHECKPOINT_KEYS = {"task": int, "method": dict, "metrics": dict, "history": list}
+_validated: dict[tuple, dict] = {}     # the state latest_checkpoint just loaded, handed to load_checkpoint once
+
+
+def _file_identity(path: Path) -> tuple:
+    st = path.stat()
+    return str(path), st.st_size, st.st_mtime_ns, st.st_ino
+
+
+def _checkpoint_problem(path: Path) -> tuple[dict | None, str | None]:
+    """(the state, None) or (None, what is wrong with the file)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 -- truncated zip, garbage, disallowed objects: the file is unusable
+        return None, f"cannot read checkpoint {path} ({type(exc).__name__})"
+    bad = [k for k, kind in CHECKPOINT_KEYS.items() if not (isinstance(state, dict) and isinstance(state.get(k), kind))]
+    if bad:
+        return None, f"checkpoint {path} is not a trial checkpoint (no valid {', '.join(bad)})"
+    return state, None
+
+
+def latest_checkpoint(directory: str | None, warn: Callable[[str], None] = warn_stderr) -> Path | None:
+    """The newest task_XXX.pt that loads and holds a trial's state. A damaged one (truncated, garbage, keys
+    missing) is moved aside to `.corrupt` with one warning line, so the trial resumes from the previous
+    task's checkpoint, or starts over when none is left."""
     if not directory or not Path(directory).is_dir():
         return None
-    found = sorted(Path(directory).glob("task_*.pt"))
-    return found[-1] if found else None
+    for path in sorted(Path(directory).glob("task_*.pt"), reverse=True):
+        state, problem = _checkpoint_problem(path)
+        if problem is None:
+            _validated.clear()
+            _validated[_file_identity(path)] = state     # run_trial loads it next: do not read it twice
+            return path
+        aside = move_aside(path)
+        if aside is not None:        # None: another rank moved it first and warned
+            warn(f"{problem}; moved it to {aside.name}, the trial resumes from the task before")
+    return None
 
 
 def load_checkpoint(path: Path) -> dict:
+    """A trial's state (weights_only: a checkpoint cannot run code); CheckpointError when unusable."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 -- any failure here means the file is unusable
-        raise CheckpointError(f"cannot read checkpoint {path} ({type(exc).__name__}); delete it to retrain "
-                              "from the previous task, or delete the trial's folder to start over") from None
+        state = _validated.pop(_file_identity(path), None)
+    except OSError:
+        state = None
+    if state is None:
+        state, problem = _checkpoint_problem(path)
+        if problem is not None:
+            raise CheckpointError(f"{problem}; delete it to retrain from the previous task, or delete the trial's "
+                                  "folder to start over")
+    return state
 
 
 def _task_info(scenario: Scenario, t: int) -> TaskInfo:
