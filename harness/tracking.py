@@ -136,7 +136,7 @@ def check_sqlite_store(path: str | Path) -> None:
             db.close()
     except sqlite3.Error as exc:
         raise ConfigError(f"{path} is not an MLflow sqlite store (sqlite: {exc}); {fix}") from None
-    if tables and "experiments" not in tables:
+    if tables and not {"experiments", "runs"} <= tables:
         raise ConfigError(f"{path} is not an MLflow sqlite store (an SQLite database without MLflow's tables); "
                           f"{fix}")
 

@@ -12,7 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from harness.data import DATASETS, ArrayData, TaskDataset, build_transform, dataset_info, load_dataset
+from harness.data import (DATASETS, ArrayData, TaskDataset, build_transform, check_dataset, dataset_fingerprint,
+                          dataset_info, load_dataset)
 from harness.data.base import SHARED_DATA
 from harness.data.registry import CIFAR10_NAMES, CIFAR100_NAMES, MINI_ZIP
 from harness.errors import ConfigError, DataError
@@ -338,6 +339,148 @@ def test_cifar10_jpeg_real_zip(shared_data_dir):
     assert np.bincount(train.y).tolist() == [5000] * 10 and np.bincount(test.y).tolist() == [1000] * 10
     mean = train.x[::10].reshape(-1, 3).mean(0) / 255    # every class (they are grouped)
     assert np.allclose(mean, DATASETS["cifar10-jpeg"].mean, atol=0.03)       # real CIFAR statistics
+
+
+# ---- pre-flight check and fingerprint --------------------------------------------------------------------
+
+def _tree_snapshot(root: Path) -> list[str]:
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*"))
+
+
+def test_check_dataset_passes_on_good_data_and_writes_nothing(tmp_path, cache):
+    write_cifar10(tmp_path / "c10")
+    files = make_image_tree()
+    folder, archive = write_tree(tmp_path / "imgs", files), write_zip(tmp_path / "imgs.zip", files, prefix="x/")
+    before = _tree_snapshot(tmp_path)
+    for config in ({"dataset": "cifar10-mini"}, {"dataset": "digits"}, {"dataset": "cifar10", "data_path": str(
+            tmp_path / "c10")}, {"dataset": "imagefolder", "data_path": str(folder)},
+            {"dataset": "imagefolder", "data_path": str(archive)}):
+        check_dataset(config)
+    assert _tree_snapshot(tmp_path) == before and not cache.exists()
+
+
+def test_check_dataset_refuses_a_data_path_that_does_not_exist(tmp_path):
+    for name in ("digits", "cifar10-mini"):
+        with pytest.raises(DataError, match=f"--data-path .*nowhere does not exist; dataset {name} does not read"):
+            check_dataset({"dataset": name, "data_path": str(tmp_path / "nowhere")})
+    check_dataset({"dataset": "digits", "data_path": str(tmp_path)})     # an existing one is simply not read
+    with pytest.raises(DataError, match="nowhere does not exist; pass the folder"):
+        check_dataset({"dataset": "imagefolder", "data_path": str(tmp_path / "nowhere")})
+    with pytest.raises(ConfigError, match="needs --data-path"):
+        check_dataset({"dataset": "imagefolder"})
+
+
+def test_check_dataset_cifar_missing_fails_unless_download_which_it_leaves_to_the_trial(tmp_path):
+    target = tmp_path / "new"
+    with pytest.raises(DataError, match="new does not exist; pass the folder holding cifar-10-batches-py/, or add "
+                                        "--download"):
+        check_dataset({"dataset": "cifar10", "data_path": str(target)})
+    target.mkdir()
+    with pytest.raises(DataError, match="cifar-10-batches-py/ with data_batch_1.*--download"):
+        check_dataset({"dataset": "cifar10", "data_path": str(target)})
+    target.rmdir()
+    check_dataset({"dataset": "cifar10", "data_path": str(target), "download": True})
+    assert not target.exists()                      # no download, nothing created
+
+
+def test_check_dataset_image_folder_layout_errors(tmp_path, cache):
+    files = {k: v for k, v in make_image_tree().items() if k.startswith("train/")}
+    with pytest.raises(DataError, match="no images under test/<class>/"):
+        check_dataset({"dataset": "imagefolder", "data_path": str(write_tree(tmp_path / "notest", files))})
+    files = make_image_tree()
+    files["test/ant/0.png"] = (_png(np.zeros((9, 8, 3), np.uint8)), None)     # the first image of a test class
+    with pytest.raises(DataError, match="test/ant/0.png is 8x9 .*same size"):
+        check_dataset({"dataset": "imagefolder", "data_path": str(write_tree(tmp_path / "odd", files))})
+    fake = tmp_path / "fake.zip"
+    fake.write_bytes(b"PK but not really a zip")
+    with pytest.raises(DataError, match=f"{fake} is not a readable zip"):
+        check_dataset({"dataset": "imagefolder", "data_path": str(fake)})
+
+
+def test_fingerprint_follows_the_files_not_their_mtimes(tmp_path):
+    folder = write_tree(tmp_path / "imgs", make_image_tree())
+    config = {"dataset": "imagefolder", "data_path": str(folder)}
+    first = dataset_fingerprint(config)
+    assert len(first) == 12 and dataset_fingerprint(config) == first
+    for f in folder.rglob("*.png"):                 # copied again over the same place: same digest
+        f.write_bytes(f.read_bytes())
+        os.utime(f, ns=(1, 1))
+    assert dataset_fingerprint(config) == first
+    twin = write_tree(tmp_path / "twin", {rel: (p.read_bytes(), None) for rel, p in
+                                           ((p.relative_to(folder).as_posix(), p) for p in folder.rglob("*.png"))})
+    assert dataset_fingerprint({"dataset": "imagefolder", "data_path": str(twin)}) != first     # another place
+    (folder / "train" / "ant" / "new.png").write_bytes(_png(np.zeros((8, 8, 3), np.uint8)))
+    assert dataset_fingerprint(config) != first                                                 # a file added
+    assert dataset_fingerprint({**config, "dataset": "cifar10-jpeg"}) != dataset_fingerprint(config)   # the name
+
+
+def test_fingerprint_of_a_zip_reads_its_directory(tmp_path):
+    files = make_image_tree()
+    archive = write_zip(tmp_path / "imgs.zip", files)
+    config = {"dataset": "imagefolder", "data_path": str(archive)}
+    first = dataset_fingerprint(config)
+    write_zip(archive, files)                       # the same members written again (new timestamps)
+    os.utime(archive, ns=(5, 5))
+    assert dataset_fingerprint(config) == first
+    files["test/ant/extra.png"] = files["test/ant/000.png"]
+    write_zip(archive, files)
+    assert dataset_fingerprint(config) != first
+
+
+def test_fingerprint_of_cifar_shipped_and_digits(tmp_path):
+    write_cifar10(tmp_path)
+    parent = dataset_fingerprint({"dataset": "cifar10", "data_path": str(tmp_path)})
+    assert dataset_fingerprint({"dataset": "cifar10", "data_path": str(tmp_path / "cifar-10-batches-py")}) == parent
+    batch = tmp_path / "cifar-10-batches-py" / "data_batch_2"
+    batch.write_bytes(batch.read_bytes()[:-2] + b"\x00.")          # same size, other content
+    assert dataset_fingerprint({"dataset": "cifar10", "data_path": str(tmp_path)}) != parent
+    # files still to download count as the official release (what torchvision verifies), and nothing is written
+    pending = dataset_fingerprint({"dataset": "cifar10", "data_path": str(tmp_path / "later"), "download": True})
+    assert pending != dataset_fingerprint({"dataset": "cifar10", "data_path": str(tmp_path / "later")})
+    assert not (tmp_path / "later").exists()
+    for name in ("digits", "cifar10-mini"):
+        assert dataset_fingerprint({"dataset": name}) == dataset_fingerprint({"dataset": name, "data_path": None})
+
+
+def test_check_and_fingerprint_of_the_real_zip(shared_data_dir, cache):
+    config = {"dataset": "cifar10-jpeg", "data_path": str(shared_data_dir)}
+    check_dataset(config)
+    assert dataset_fingerprint(config) == dataset_fingerprint(dict(config))
+    assert not cache.exists()
+
+
+# ---- zip-slip ----------------------------------------------------------------------------------------------
+
+def _crafted_zip(path: Path, evil: zipfile.ZipInfo, payload: bytes) -> Path:
+    files = make_image_tree(size=80, n_train=1, n_test=1)    # large images: extracted into the cache
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_zip(path, files)
+    with zipfile.ZipFile(path, "a") as z:
+        z.writestr(evil, payload)
+    return path
+
+
+def _symlink_member(name: str) -> zipfile.ZipInfo:
+    info = zipfile.ZipInfo(name)
+    info.create_system = 3                                   # unix: the mode bits below are honoured
+    info.external_attr = (0o120777 << 16)                    # S_IFLNK | rwx
+    return info
+
+
+@pytest.mark.parametrize("member", ["../evil.jpg", "/abs.jpg", "train/ant/../../../evil.jpg", "symlink"])
+def test_zip_members_that_escape_the_cache_are_refused(tmp_path, cache, member):
+    evil = _symlink_member("train/ant/link.jpg") if member == "symlink" else zipfile.ZipInfo(member)
+    payload = b"/etc/passwd" if member == "symlink" else _jpeg(3)
+    archive = _crafted_zip(tmp_path / "data" / "crafted.zip", evil, payload)
+    before = _tree_snapshot(tmp_path)
+    for call in (lambda: load_dataset("imagefolder", str(archive), "train"),
+                 lambda: check_dataset({"dataset": "imagefolder", "data_path": str(archive)})):
+        with pytest.raises(DataError) as err:
+            call()
+        msg = str(err.value)
+        assert str(archive) in msg and repr(evil.filename) in msg and "refusing" in msg and "\n" not in msg
+    assert _tree_snapshot(tmp_path) == before                # nothing extracted, in the cache or beside it
+    assert not Path("/abs.jpg").exists()
 
 
 # ---- transforms ------------------------------------------------------------------------------------------

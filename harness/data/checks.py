@@ -36,8 +36,12 @@ def check_dataset(config: dict) -> None:
     name, data_path, download = config["dataset"], config.get("data_path"), bool(config.get("download"))
     dataset_info(name)                     # unknown name -> ConfigError
     if data_path and not Path(data_path).expanduser().exists() and not (name in CIFAR and download):
-        hint = (f"dataset {name} does not read --data-path: drop the option" if name in PATHLESS else
-                f"pass the folder (or .zip) that holds the {name} files")
+        if name in PATHLESS:
+            hint = f"dataset {name} does not read --data-path: drop the option"
+        elif name in CIFAR:
+            hint = f"pass the folder holding {cifar.LAYOUTS[name][0]}/, or add --download to fetch it there"
+        else:
+            hint = f"pass the folder (or .zip) that holds the {name} files"
         raise DataError(f"--data-path {data_path} does not exist; {hint}")
     _CHECKS[name](name, data_path, download)
 
