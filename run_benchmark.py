@@ -14,16 +14,25 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator, NoReturn
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
-from harness.errors import HarnessError  # noqa: E402
+from harness.errors import ConfigError, HarnessError, ResourceError  # noqa: E402
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse's own errors (unknown flag, `--epochs abc`) as one `error:` line, like every other bad input."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ConfigError(f"{message} (see {self.prog} --help)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="run_benchmark.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", help="registered method (see --list-methods)")
     p.add_argument("--suite", help="suite name from benchmarks/suites/ or a suite .yaml path (see --list-suites)")
@@ -73,7 +82,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def overrides_from_args(args: argparse.Namespace, config_defaults: dict) -> dict:
     from harness.config import parse_value
-    from harness.errors import ConfigError
 
     out = {"data_path": str(Path(args.data_path).resolve()) if args.data_path else None,
            "download": True if args.download else None, "batch_size": args.batch_size,
@@ -90,8 +98,36 @@ def overrides_from_args(args: argparse.Namespace, config_defaults: dict) -> dict
         if "=" not in item:
             raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
         key, value = item.split("=", 1)
+        if not key.strip():
+            raise ConfigError(f"--set {item!r} has no option name; use KEY=VALUE, e.g. --set lr=0.05")
         out[key.strip()] = parse_value(value)
     return out
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """Flags that never reach the config (launcher settings) and --epochs, which is applied after composing."""
+    if args.epochs is not None and args.epochs < 1:
+        raise ConfigError(f"--epochs must be an integer >= 1, got {args.epochs}")
+    if args.max_concurrent_trials is not None and args.max_concurrent_trials < 1:
+        raise ConfigError(f"--max-concurrent-trials must be >= 1, got {args.max_concurrent_trials}")
+    if args.max_failures < -1:
+        raise ConfigError(f"--max-failures must be >= 0 (or -1: retry forever), got {args.max_failures}")
+    if args.launcher == "local" and args.address:
+        raise ConfigError("--address joins a Ray cluster: use it with --launcher ray (the default)")
+    if not args.experiment.strip():
+        raise ConfigError("--experiment must be a non-empty name, e.g. --experiment clbench")
+
+
+@contextmanager
+def os_errors_as_one_line(output_dir: Path) -> Iterator[None]:
+    """A disk that fills up or a folder that turns read-only while the benchmark writes: one line, no traceback."""
+    try:
+        yield
+    except OSError as exc:
+        where = f" on {exc.filename}" if exc.filename else ""
+        raise ResourceError(f"cannot write the results ({exc.strerror or type(exc).__name__}{where}); check that "
+                            f"{output_dir} is writable and has free space, then rerun the same command to "
+                            "resume") from None
 
 
 def apply_epochs(config: dict, epochs: int) -> None:
@@ -121,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return report_main(argv[1:])
     args = build_parser().parse_args(argv)
-    from harness.config import list_suites, resolve_config, validate
+    from harness.config import compose_config, list_suites
     from harness.registry import get_method, list_methods
 
     if args.list_methods:
@@ -135,59 +171,59 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:24s} {load_suite(name).get('description', '')}")
         return 0
     if not args.method or not args.suite:
-        build_parser().error("--method and --suite are required (see --list-methods, --list-suites)")
+        raise ConfigError("--method and --suite are required (see --list-methods, --list-suites)")
 
-    from harness.launch import LaunchOptions, TrialEvents, launch
-    from harness.results import summary_table, to_markdown, write_json
+    from harness.launch import LaunchOptions, TrialEvents, launch, resolve_threads
+    from harness.preflight import preflight
+    from harness.results import summary_table, to_markdown
     from harness.trials import expand_trials
 
-    from harness.errors import ConfigError
-    if args.max_concurrent_trials is not None and args.max_concurrent_trials < 1:
-        raise ConfigError(f"--max-concurrent-trials must be >= 1, got {args.max_concurrent_trials}")
-    if args.max_failures < -1:
-        raise ConfigError(f"--max-failures must be >= 0 (or -1: retry forever), got {args.max_failures}")
-    if args.launcher == "local" and args.address:
-        raise ConfigError("--address joins a Ray cluster: use it with --launcher ray (the default)")
-    config = resolve_config(args.method, args.suite, args.options, overrides_from_args(args, {}), args.recipe)
+    # Pre-flight: every check of the input before anything is written (no output folder, MLflow store or Ray).
+    check_flags(args)
+    config, origins = compose_config(args.method, args.suite, args.options, overrides_from_args(args, {}),
+                                     args.recipe)
     if args.epochs is not None:
         apply_epochs(config, args.epochs)
-        validate(config)
+        origins.update({k: "--epochs" for k in ("epochs", "base_epochs", "milestones", "base_milestones")})
     output_dir = Path(args.output_dir).resolve()
     config["output_dir"] = str(output_dir)
+    preflight(config, origins, output_dir=output_dir, launcher=args.launcher, address=args.address,
+              tracking_uri=args.tracking_uri, tracking=not args.no_tracking, experiment=args.experiment)
     specs = expand_trials(config)
     print(f"{len(specs)} trial(s): {args.method} on {config['suite']} "
           f"(orders {', '.join(s['order_name'] for s in specs[::len(config['seeds'])])}; seeds {config['seeds']}) "
           f"-> {output_dir}")
-    tracker = None
-    if not args.no_tracking:    # checks the store (an unreachable server stops here, before any training)
-        from harness.tracking import BenchmarkTracker
-
-        tracker = BenchmarkTracker.for_benchmark(args.tracking_uri, output_dir, config, specs,
-                                                 experiment=args.experiment)
     options = LaunchOptions(launcher=args.launcher, address=args.address,
                             max_concurrent_trials=args.max_concurrent_trials, max_failures=args.max_failures,
                             verbose=args.verbose)
-    try:
-        results = launch(specs, output_dir, options, progress=not args.quiet and sys.stderr.isatty(),
-                         events=TrialEvents(print, tracker=tracker))
-    except BaseException:
-        if tracker is not None:
-            tracker.abort()       # the parent run ends KILLED/FAILED, not RUNNING forever; rerun resumes it
-        raise
-    table = summary_table(results)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    table.to_csv(output_dir / "summary.csv", index=False)
-    (output_dir / "summary.md").write_text(to_markdown(table) + "\n")
-    board = tracker.end_benchmark(results, specs) if tracker is not None else None
-    print()
-    if board is not None and not board.empty:
-        from harness.report import to_markdown as board_markdown, write_leaderboard
+    with os_errors_as_one_line(output_dir):
+        tracker = None
+        if not args.no_tracking:    # the store was checked above; this creates it and the benchmark's parent run
+            from harness.tracking import BenchmarkTracker
 
-        csv_path, md_path = write_leaderboard(board, output_dir)
-        print(board_markdown(board))
-        print(f"\nwritten: {csv_path}, {md_path}, {output_dir / 'summary.csv'}; MLflow store: {tracker.uri}")
-    else:
-        print(to_markdown(table))
+            tracker = BenchmarkTracker.for_benchmark(args.tracking_uri, output_dir, config, specs,
+                                                     experiment=args.experiment)
+        try:
+            results = launch(specs, output_dir, options, progress=not args.quiet and sys.stderr.isatty(),
+                             events=TrialEvents(print, tracker=tracker))
+        except BaseException:
+            if tracker is not None:
+                tracker.abort()       # the parent run ends KILLED/FAILED, not RUNNING forever; rerun resumes it
+            raise
+        table = summary_table(results)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        table.to_csv(output_dir / "summary.csv", index=False)
+        (output_dir / "summary.md").write_text(to_markdown(table) + "\n")
+        board = tracker.end_benchmark(results, specs) if tracker is not None else None
+        print()
+        if board is not None and not board.empty:
+            from harness.report import to_markdown as board_markdown, write_leaderboard
+
+            csv_path, md_path = write_leaderboard(board, output_dir)
+            print(board_markdown(board))
+            print(f"\nwritten: {csv_path}, {md_path}, {output_dir / 'summary.csv'}; MLflow store: {tracker.uri}")
+        else:
+            print(to_markdown(table))
     failed = [r for r in results if r.get("status") != "finished"]
     if failed:
         print(f"{len(failed)} trial(s) failed; see {output_dir}/trials/<name>/result.json", file=sys.stderr)
@@ -195,12 +231,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli(argv: list[str] | None = None) -> int:
+    """main() with the user's errors as one `error:` line on stderr and exit code 2 (130 on Ctrl-C)."""
     try:
-        sys.exit(main())
+        return main(argv)
     except HarnessError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted: rerun the same command to resume (finished trials are skipped)", file=sys.stderr)
-        sys.exit(130)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

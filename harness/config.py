@@ -27,9 +27,13 @@ def load_yaml(path: str | Path) -> dict:
     """Read a YAML mapping with yaml.safe_load; one clear error line for every way it can go wrong."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"options file not found: {path}")
+        what = "is a folder, not a file" if path.is_dir() else "not found"
+        raise ConfigError(f"options file {path} {what}: give the path of a .yaml file")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not UTF-8 text"
+        raise ConfigError(f"cannot read options file {path} ({reason}); give a readable YAML file") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
@@ -79,8 +83,10 @@ def method_recipe(method: str, recipe: str | None, explicit: bool) -> tuple[dict
 
 
 def _apply(config: dict, updates: dict, known: set[str], aliases: dict[str, str | None], source: str,
-           value_maps: dict[str, Callable[[Any], Any]] | None = None) -> None:
+           value_maps: dict[str, Callable[[Any], Any]] | None = None, origins: dict[str, str] | None = None) -> None:
     for key, value in updates.items():
+        if not isinstance(key, str):
+            raise ConfigError(f"option names must be strings, got {key!r} in {source}")
         key = key.replace("-", "_")
         if value_maps and key in value_maps:
             # A method's original-code value -> ours (DyTox `data_set: CIFAR` -> cifar100), keyed by the key as
@@ -99,29 +105,44 @@ def _apply(config: dict, updates: dict, known: set[str], aliases: dict[str, str 
             hint = f" (did you mean: {', '.join(close)}?)" if close else ""
             raise ConfigError(f"unknown option {key!r} in {source}{hint}")
         config[key] = value
+        if origins is not None:
+            origins[key] = source
 
 
 def resolve_config(method: str, suite: str, options: Iterable[str] = (), overrides: dict | None = None,
                    recipe: str | None = None) -> dict:
     """Compose the flat config of a benchmark (before the order x seed grid is expanded)."""
+    config, _ = compose_config(method, suite, options, overrides, recipe)
+    validate(config)
+    return config
+
+
+def compose_config(method: str, suite: str, options: Iterable[str] = (), overrides: dict | None = None,
+                   recipe: str | None = None) -> tuple[dict, dict[str, str]]:
+    """The composed config, unchecked, and where each option was last set (for error lines; the pre-flight
+    in harness.preflight checks both)."""
     from harness.registry import get_method
 
     method_cls = get_method(method)
     config = defaults()
+    origins = {key: "benchmarks/recipes/defaults.yaml" for key in config}
     suite_cfg = load_suite(suite)
     recipe_cfg, recipe_files = method_recipe(method, recipe or suite_cfg.get("recipe"), explicit=recipe is not None)
     known = set(config) | set(recipe_cfg) | SUITE_KEYS
     aliases = dict(getattr(method_cls, "option_aliases", {}))
     maps = dict(getattr(method_cls, "option_value_maps", {}))
     _apply(config, {k: v for k, v in suite_cfg.items() if k not in SUITE_KEYS}, known, aliases, f"suite {suite}",
-           maps)
-    _apply(config, recipe_cfg, known, aliases, "recipe", maps)
+           maps, origins)
+    _apply(config, recipe_cfg, known, aliases, f"recipe {', '.join(recipe_files) or method}", maps, origins)
     # A suite's `budget` (e.g. a few epochs for a CPU suite) overrides every method's recipe alike.
-    _apply(config, suite_cfg.get("budget") or {}, known, aliases, f"suite {suite} budget", maps)
+    budget = suite_cfg.get("budget") or {}
+    if not isinstance(budget, dict):
+        raise ConfigError(f"suite {suite}: `budget` must be a mapping of option: value, got {budget!r}")
+    _apply(config, budget, known, aliases, f"suite {suite} budget", maps, origins)
     for path in options:
-        _apply(config, load_yaml(path), known, aliases, str(path), maps)
+        _apply(config, load_yaml(path), known, aliases, str(path), maps, origins)
     flags = {k: v for k, v in (overrides or {}).items() if v is not None and k not in ("orders", "seeds")}
-    _apply(config, flags, known, aliases, "command line", maps)
+    _apply(config, flags, known, aliases, "command line", maps, origins)
     config.update(method=method, suite=suite_cfg["name"], recipe_files=recipe_files,
                   options_files=[str(Path(p).resolve()) for p in options])
     overrides = overrides or {}
@@ -133,17 +154,29 @@ def resolve_config(method: str, suite: str, options: Iterable[str] = (), overrid
         nested = isinstance(explicit, list) and explicit and isinstance(explicit[0], list)
         config["orders"] = explicit if nested else [explicit]
     else:
-        config["orders"] = list(config.get("orders") or suite_cfg.get("orders", ["natural"]))
-    config["seeds"] = [int(s) for s in (overrides.get("seeds") or config.get("seeds") or suite_cfg.get("seeds", [0]))]
-    validate(config)
-    return config
+        orders = config.get("orders") or suite_cfg.get("orders", ["natural"])
+        if not isinstance(orders, list):
+            raise ConfigError(f"orders must be a list of class orders (names or lists of class ids), got {orders!r} "
+                              f"in {origins.get('orders', f'suite {suite}')}")
+        config["orders"] = list(orders)
+    seeds = overrides.get("seeds") or config.get("seeds") or suite_cfg.get("seeds", [0])
+    if not (isinstance(seeds, list) and all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)):
+        raise ConfigError(f"seeds must be a list of integers, e.g. [0, 1, 2], got {seeds!r} "
+                          f"in {origins.get('seeds', 'the command line' if overrides.get('seeds') else f'suite {suite}')}")
+    config["seeds"] = [int(s) for s in seeds]
+    return config, origins
+
+
+def check_required(config: dict) -> None:
+    """The scenario keys every suite must give."""
+    for key in ("dataset", "initial_increment", "increment"):
+        if config.get(key) in (None, ""):
+            raise ConfigError(f"option {key!r} is not set: the suite or an --options file must give it")
 
 
 def validate(config: dict) -> None:
     """Checks that need several keys at once."""
-    for key in ("dataset", "initial_increment", "increment"):
-        if config.get(key) in (None, ""):
-            raise ConfigError(f"option {key!r} is not set: the suite or an --options file must give it")
+    check_required(config)
     for key in ("epochs", "batch_size"):
         if not isinstance(config.get(key), int) or config[key] < 0 or (key == "batch_size" and config[key] == 0):
             raise ConfigError(f"option {key!r} must be a {'positive' if key == 'batch_size' else 'non-negative'} "
