@@ -8,7 +8,6 @@ except a probe file that is created and deleted at once to learn whether a folde
 from __future__ import annotations
 
 import os
-import sqlite3
 import tempfile
 from pathlib import Path
 from urllib.parse import urlparse
@@ -17,7 +16,6 @@ from harness.errors import ConfigError, HarnessError, ResourceError
 
 # Tracking URI schemes MLflow can log to (besides http(s) servers and sqlite files): SQLAlchemy databases.
 DATABASE_SCHEMES = ("postgresql", "mysql", "mssql")
-SQLITE_MAGIC = b"SQLite format 3\x00"
 MAX_SEED = 2**32 - 1          # numpy's seeding range
 
 
@@ -139,13 +137,18 @@ def check_output_dir(output_dir: str | Path) -> Path:
     path = Path(output_dir).resolve()
     if path.exists() and not path.is_dir():
         raise ConfigError(f"--output-dir {path} is a file, not a folder; give a folder (it is created if missing)")
+    check_creatable(path, f"--output-dir {path}")
+    return path
+
+
+def check_creatable(path: Path, what: str) -> None:
+    """`path` exists or can be created: its nearest existing ancestor is a writable folder."""
     existing = path
     while not existing.exists():
         existing = existing.parent
-    if not existing.is_dir():
-        raise ConfigError(f"--output-dir {path} cannot be created: {existing} is a file, not a folder")
-    probe_writable(existing, f"--output-dir {path}")
-    return path
+    if existing != path and not existing.is_dir():
+        raise ConfigError(f"{what} cannot be created: {existing} is a file, not a folder")
+    probe_writable(existing if existing.is_dir() else existing.parent, what)
 
 
 def probe_writable(folder: Path, what: str) -> None:
@@ -163,7 +166,7 @@ def probe_writable(folder: Path, what: str) -> None:
 def check_tracking_store(uri: str | None, output_dir: Path, experiment: str = "clbench") -> None:
     """The MLflow store will work, checked without writing to it: the URI is well formed, a server answers,
     an existing sqlite file is an MLflow database whose experiment is not deleted, a new one can be created."""
-    from harness.tracking import is_server, probe_server, resolve_tracking_uri, sqlite_path
+    from harness.tracking import check_sqlite_store, is_server, probe_server, resolve_tracking_uri, sqlite_path
 
     resolved = resolve_tracking_uri(uri, output_dir)
     scheme = urlparse(resolved).scheme.lower()
@@ -184,42 +187,11 @@ def check_tracking_store(uri: str | None, output_dir: Path, experiment: str = "c
     if db.is_dir():
         raise ConfigError(f"--tracking-uri {uri!r}: {db} is a folder; give the path of an sqlite file")
     if not db.exists():
-        existing = db.parent
-        while not existing.exists():
-            existing = existing.parent
-        if not existing.is_dir():
-            raise ConfigError(f"--tracking-uri {uri!r}: {db} cannot be created, {existing} is a file")
-        probe_writable(existing, f"the MLflow store {db}")
+        check_creatable(db, f"the MLflow store {db}")
         return
-    if _sqlite_tables(db, uri):
+    check_sqlite_store(db)               # garbage, a damaged database, another program's database
+    if db.stat().st_size:                # an existing store: its experiment must not be deleted
         _check_experiment(resolved, experiment)
-
-
-def _sqlite_tables(db: Path, uri: str | None) -> set[str]:
-    """The tables of an existing sqlite file (empty: a new store); errors for anything but an MLflow store."""
-    fix = "give a new file (it is created) or an existing MLflow store"
-    try:
-        with db.open("rb") as handle:
-            head = handle.read(len(SQLITE_MAGIC))
-    except OSError as exc:
-        raise ResourceError(f"cannot read the MLflow store {db} ({exc.strerror}); {fix}") from None
-    if not head:
-        return set()                     # an empty file: sqlite treats it as a new database
-    if head != SQLITE_MAGIC:
-        raise ConfigError(f"--tracking-uri {uri or db}: {db} is not an SQLite database; {fix}")
-    try:
-        con = sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True)
-        try:
-            tables = {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        finally:
-            con.close()
-    except sqlite3.Error as exc:
-        raise ConfigError(f"--tracking-uri {uri or db}: {db} is not a readable SQLite database ({exc}); {fix}") \
-            from None
-    if tables and not {"experiments", "runs"} <= tables:
-        raise ConfigError(f"--tracking-uri {uri or db}: {db} is an SQLite database but not an MLflow store "
-                          f"(tables: {', '.join(sorted(tables)[:5])}); {fix}")
-    return tables
 
 
 def _check_experiment(uri: str, experiment: str) -> None:
