@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     from harness.launch import LaunchOptions, TrialEvents, launch, resolve_threads
     from harness.preflight import preflight
     from harness.results import summary_table, to_markdown
-    from harness.trials import expand_trials
+    from harness.trials import expand_trials, fix_identity
 
     # Pre-flight: every check of the input before anything is written (no output folder, MLflow store or Ray).
     check_flags(args)
@@ -189,13 +189,15 @@ def main(argv: list[str] | None = None) -> int:
     config["output_dir"] = str(output_dir)
     preflight(config, origins, output_dir=output_dir, launcher=args.launcher, address=args.address,
               tracking_uri=args.tracking_uri, tracking=not args.no_tracking, experiment=args.experiment)
+    options = LaunchOptions(launcher=args.launcher, address=args.address,
+                            max_concurrent_trials=args.max_concurrent_trials, max_failures=args.max_failures,
+                            verbose=args.verbose)
+    # What changes the numbers without being an option (the data read, threads per worker) joins the trial names.
+    fix_identity(config, resolve_threads(config, options, len(config["orders"]) * len(config["seeds"])))
     specs = expand_trials(config)
     print(f"{len(specs)} trial(s): {args.method} on {config['suite']} "
           f"(orders {', '.join(s['order_name'] for s in specs[::len(config['seeds'])])}; seeds {config['seeds']}) "
           f"-> {output_dir}")
-    options = LaunchOptions(launcher=args.launcher, address=args.address,
-                            max_concurrent_trials=args.max_concurrent_trials, max_failures=args.max_failures,
-                            verbose=args.verbose)
     with os_errors_as_one_line(output_dir):
         tracker = None
         if not args.no_tracking:    # the store was checked above; this creates it and the benchmark's parent run

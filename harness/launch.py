@@ -26,8 +26,9 @@ LAUNCHERS = ("ray", "local")
 def task_line(spec: dict, row: dict) -> str:
     """One progress line per finished task: method, order, seed, task, accuracy."""
     cfg = spec["config"]
+    head = f" ({row['head']} head)" if row.get("head") else ""      # iCaRL's main head is NME, others CNN
     return (f"[{cfg['method']} {cfg['suite']} order={spec['order_name']} seed={spec['seed']}] task {row['task'] + 1}"
-            f" acc={row['accuracy']:.2f} avg={row['avg_inc_accuracy']:.2f} loss={row['loss']:.3f}")
+            f" acc={row['accuracy']:.2f} avg={row['avg_inc_accuracy']:.2f}{head} loss={row['loss']:.3f}")
 
 
 def trial_line(spec: dict, result: dict) -> str:
@@ -36,10 +37,23 @@ def trial_line(spec: dict, result: dict) -> str:
     head = f"[{cfg['method']} {cfg['suite']} order={spec['order_name']} seed={spec['seed']}]"
     if result.get("status") != "finished":
         return f"{head} FAILED: {result.get('error', 'unknown error')}"
-    main = next(iter((result.get("metrics") or {}).values()), {})
+    main_head, main = next(iter((result.get("metrics") or {}).items()), (None, {}))
     avg, last = main.get("average_incremental_accuracy"), main.get("last_accuracy")
-    nums = f" avg_inc_acc={avg:.2f} last_acc={last:.2f}" if avg is not None and last is not None else ""
+    nums = (f" avg_inc_acc={avg:.2f} last_acc={last:.2f} ({main_head} head)" if avg is not None and last is not None
+            else "")
     return f"{head} finished{nums} ({result.get('wall_time_s', 0.0):.1f} s)"
+
+
+def progress_line(spec: dict, info: dict) -> str:
+    """A heartbeat inside a long task: `[...] task 3 main epoch 12/500 step 40/97 loss=1.234 310 img/s, phase
+    ETA 41m` (harness.runtime.RuntimeContext.beat)."""
+    eta = info.get("eta_s")
+    eta_text = "?" if eta is None else (f"{eta / 60:.0f}m" if eta >= 90 else f"{eta:.0f}s")
+    cfg = spec["config"]
+    return (f"[{cfg['method']} {cfg['suite']} order={spec['order_name']} seed={spec['seed']}] task "
+            f"{int(info.get('task', 0)) + 1} {info.get('phase', '')} epoch {info.get('epoch')}/{info.get('epochs')} "
+            f"step {info.get('step')}/{info.get('steps')} loss={float(info.get('loss', float('nan'))):.3f} "
+            f"{float(info.get('images_per_s', 0.0)):.0f} img/s, phase ETA {eta_text}")
 
 
 class TrialLogger(Protocol):
@@ -132,11 +146,15 @@ def run_local(specs: list[dict], output_dir: str | Path, log: Callable[[str], No
     from harness.runtime import FirstStepClock, RuntimeContext, amp_dtype, enable_determinism, select_device
     from harness.trial import run_trial
 
+    import torch
+
     output_dir = Path(output_dir).resolve()
     events = events or TrialEvents(log)
     done, todo = split_finished(specs, output_dir, events)
     for spec in todo:
         cfg = spec["config"]
+        if cfg.get("threads_per_worker"):      # part of the trial's identity: the numbers depend on it
+            torch.set_num_threads(int(cfg["threads_per_worker"]))
         device = select_device(cfg.get("device", "auto"))
         if cfg.get("deterministic", True):
             enable_determinism(int(spec["seed"]), device)
@@ -144,7 +162,10 @@ def run_local(specs: list[dict], output_dir: str | Path, log: Callable[[str], No
             device=device, amp=amp_dtype(device, cfg.get("amp", "auto")),
             checkpoint_dir=str(checkpoint_dir(output_dir, spec["name"])),
             report=lambda row, _ckpt, spec=spec: events.task_finished(spec, row),
-            progress=progress, log=log, fault_at_task=cfg.get("fault_at_task"), extras={"launcher": "local"})
+            progress=progress, log=log, fault_at_task=cfg.get("fault_at_task"),
+            # without progress bars (a log file, --quiet) a long task still says how it is going
+            heartbeat=None if progress else (lambda info, spec=spec: log(progress_line(spec, info))),
+            heartbeat_s=float(cfg.get("progress_interval_s") or 30.0))
         clock = FirstStepClock()
         try:
             with clock.running():
@@ -160,6 +181,21 @@ def run_local(specs: list[dict], output_dir: str | Path, log: Callable[[str], No
         events.trial_finished(spec, result)
         done[spec["name"]] = result
     return [done[s["name"]] for s in specs]
+
+
+def resolve_threads(config: dict, options: "LaunchOptions", num_trials: int) -> int:
+    """Torch intra-op threads per worker that the command's trials will use. They change CPU float rounding,
+    hence the numbers, so they are part of every trial's identity (harness.trials): `threads_per_worker` when
+    set, else the local process's default, else what the Ray resource plan gives each worker."""
+    if config.get("threads_per_worker"):
+        return int(config["threads_per_worker"])
+    if options.launcher == "local":
+        import torch
+
+        return torch.get_num_threads()
+    from harness.ray_launch import preview_plan
+
+    return preview_plan(config, options, num_trials).threads_per_worker
 
 
 @dataclass

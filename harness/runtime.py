@@ -105,7 +105,28 @@ class RuntimeContext:
     progress: bool = True                      # tqdm bars (rank 0 only)
     log: Callable[[str], None] = print
     fault_at_task: int | None = None           # test-only fault injection (see harness.trial)
-    extras: dict[str, Any] = field(default_factory=dict)
+    # Progress inside a long task: called by `beat` at most every `heartbeat_s` seconds (Ray: a file the driver
+    # reads; local without progress bars: a log line).
+    heartbeat: Callable[[dict], None] | None = None
+    heartbeat_s: float = 30.0
+    _last_beat: float = field(default=0.0, repr=False)
+
+    def beat(self, task: int, phase: str, epoch: int, epochs: int, step: int, steps: int, loss: float,
+             images: int, elapsed_s: float) -> None:
+        """Report where a training phase is (epoch, loss, img/s, ETA of the phase), rate-limited."""
+        if self.heartbeat is None or not self.is_main:
+            return
+        now = time.monotonic()
+        if not self._last_beat:
+            self._last_beat = now          # the first beat comes one interval after the trial starts
+            return
+        if now - self._last_beat < self.heartbeat_s:
+            return
+        self._last_beat = now
+        done, total = epoch * steps + step, epochs * steps
+        self.heartbeat({"task": task, "phase": phase, "epoch": epoch + 1, "epochs": epochs, "step": step,
+                        "steps": steps, "loss": loss, "images_per_s": images / elapsed_s if elapsed_s > 0 else 0.0,
+                        "eta_s": elapsed_s / done * (total - done) if done else None})
 
     @property
     def distributed(self) -> bool:

@@ -234,7 +234,7 @@ def sweep_trainable(config: dict, sweep: dict, setup: dict) -> None:
     from ray import tune
 
     from harness.config import validate
-    from harness.ray_launch import trial_trainable
+    from harness.ray_trial import trial_trainable
 
     spec = trial_spec(sweep, config, tune.get_context().get_trial_id())
     try:
@@ -272,6 +272,9 @@ class SweepDriver:
         self.closed: set[str] = set()
         self.user_error: tuple[str, str] | None = None
         self.interrupted = False          # Ctrl-C during the run (Tune stops and returns; see SweepCallback.setup)
+        from harness.ray_cleanup import PeriodicReaper
+
+        self.reaper = PeriodicReaper()
 
     def spec(self, trial) -> dict:
         return trial_spec(self.sweep, trial.config, trial.trial_id)
@@ -394,6 +397,11 @@ def _callback_classes() -> dict[str, type]:
             driver = _DRIVERS.get(self.key)
             if driver is not None:
                 driver.on_error(trial)
+
+        def on_step_end(self, iteration, trials, **info) -> None:
+            driver = _DRIVERS.get(self.key)
+            if driver is not None:
+                driver.reaper.poll()     # placement groups of multi-worker trials ASHA stopped
 
     class StopOnUserError(tune.Stopper):
         """A user error in a trial (bad option, missing data) stops the whole sweep with that error."""
@@ -602,7 +610,7 @@ def run_sweep(args: argparse.Namespace, log: Callable[[str], None] = print) -> i
         if driver.interrupted or unfinished:
             raise KeyboardInterrupt(f"sweep interrupted; {len(unfinished)} trial(s) did not finish")
         if driver.user_error is not None:
-            from harness.ray_launch import _error_class
+            from harness.ray_trial import error_class as _error_class
 
             kind, message = driver.user_error
             raise _error_class(kind)(message)
@@ -627,10 +635,12 @@ def _fit(sweep: dict, space: SearchSpace, options, restore: bool, exp_dir: Path,
          log: Callable[[str], None] = print):
     from ray import tune
 
-    from harness.ray_launch import _cluster_resources, plan_resources, ray_env
+    from harness.ray_launch import ray_env
+    from harness.ray_resources import cluster_resources, plan_resources
+    from harness.ray_trial import trainable_resources
 
     base = sweep["base"]
-    total, largest = _cluster_resources()
+    total, largest = cluster_resources()
     plan = plan_resources(total, int(base["num_workers"]), sweep["num_trials"],
                           cpus_per_worker=base.get("cpus_per_worker"), gpus_per_worker=base.get("gpus_per_worker"),
                           max_concurrent=options.max_concurrent_trials, device=str(base.get("device", "auto")),
@@ -640,7 +650,7 @@ def _fit(sweep: dict, space: SearchSpace, options, restore: bool, exp_dir: Path,
     setup = {"output_dir": sweep["sweep_dir"], "plan": asdict(plan), "max_failures": int(options.max_failures),
              "verbose": bool(options.verbose), "env": ray_env(embedded), "record_failures": False}
     trainable = tune.with_resources(tune.with_parameters(sweep_trainable, sweep=_trial_sweep(sweep), setup=setup),
-                                    {"CPU": plan.trainable_cpus})
+                                    trainable_resources(plan))
     if restore:
         tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
@@ -651,9 +661,10 @@ def _fit(sweep: dict, space: SearchSpace, options, restore: bool, exp_dir: Path,
             tune_config=tune.TuneConfig(metric=sweep["metric"], mode="max", scheduler=scheduler,
                                         search_alg=search_alg, num_samples=sweep["num_samples"],
                                         max_concurrent_trials=plan.concurrency,
-                                        # Not reused: Tune cannot reset an actor whose trial ASHA stopped mid-run
-                                        # (its thread is still inside fit()) and fails the next trial instead.
-                                        reuse_actors=False,
+                                        # One worker: the trial runs in the actor and its thread ends at the
+                                        # task report ASHA stopped it on, so the actor is reused. Several: the
+                                        # thread is inside TorchTrainer.fit(), which Tune cannot reset.
+                                        reuse_actors=plan.num_workers == 1,
                                         trial_name_creator=lambda t: t.trial_id,
                                         trial_dirname_creator=lambda t: t.trial_id),
             run_config=tune.RunConfig(name=exp_dir.name, storage_path=str(exp_dir.parent),
@@ -661,7 +672,13 @@ def _fit(sweep: dict, space: SearchSpace, options, restore: bool, exp_dir: Path,
                                       callbacks=[classes["callback"](sweep["name"])],
                                       stop=classes["stopper"](sweep["name"]),
                                       failure_config=tune.FailureConfig(max_failures=0)))
-    return tuner.fit()
+    try:
+        return tuner.fit()
+    finally:
+        if plan.num_workers > 1:     # the placement groups of Ray Train jobs Tune stopped (harness.ray_cleanup)
+            from harness.ray_cleanup import remove_orphaned_placement_groups
+
+            remove_orphaned_placement_groups()
 
 
 def summarise(sweep: dict, grid, driver: SweepDriver | None = None) -> dict:

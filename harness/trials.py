@@ -6,10 +6,23 @@ import json
 
 from harness.config import config_hash
 
-# Options that do not change a trial's results: excluded from the trial name's hash.
+# Options that do not change a trial's results: excluded from the trial name's hash. What does change them and
+# is not an option is added to the config before naming: `data_fingerprint` (the files actually read, their
+# location included, instead of `data_path`) and the resolved `threads_per_worker`; `num_workers` is the world size.
 RUNTIME_KEYS = {"orders", "seeds", "seed", "class_order", "output_dir", "loader_workers", "fault_at_task",
                 "options_files", "recipe_files", "published", "device", "cpus_per_worker",
-                "gpus_per_worker", "data_path", "download", "eval_batch_size"}
+                "gpus_per_worker", "data_path", "download", "eval_batch_size", "placement_strategy",
+                "placement_timeout_s", "progress_interval_s"}
+
+
+def fix_identity(config: dict, threads_per_worker: int) -> None:
+    """Add to `config` what changes a trial's numbers without being an option: the data actually read and the
+    torch threads per worker (harness.launch.resolve_threads). A changed input then gets new trial names and is
+    never served an old result."""
+    from harness.data import dataset_fingerprint
+
+    config["data_fingerprint"] = dataset_fingerprint(config)
+    config["threads_per_worker"] = int(threads_per_worker)
 
 
 def order_name(order) -> str:

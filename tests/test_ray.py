@@ -1,17 +1,22 @@
 """The Ray launcher on CPU (gloo), real Ray, real digits data, a tiny model.
 
 One embedded Ray session (2 CPUs) is shared by the module. What is shown:
-1. 2 DDP workers select the same rehearsal memory and reach the same metrics as 1 worker with the same
-   global batch;
-2. a trial whose worker dies after task 2 is restarted by Ray Train from its checkpoint and ends with the
-   same metrics as an uninterrupted one;
+1. 2 DDP workers (a Ray Train job) compute the same first step as 1 worker (a trial inside its Tune actor)
+   with the same global batch, select the same rehearsal memory, and reach the same accuracy within a stated
+   tolerance after training (trained weights themselves are not machine-independent: see below);
+2. a one-worker trial whose process dies after task 2 is restarted by Tune from its last task checkpoint and
+   ends with the same metrics as an uninterrupted one;
 3. a rerun skips finished trials (in-process here; the Ctrl-C version through the CLI is marked slow);
-4. a request the cluster cannot hold fails at once with one clear line.
+4. a request the cluster cannot hold fails at once with one clear line;
+5. a placement group whose creator died (a stopped Ray Train job) is removed by the driver.
 
 Model: BatchNorm normalises each rank's half batch with that half's statistics, so a BN network trained by 2
 workers is NOT the one 1 worker trains (SyncBatchNorm would fix that but torch only implements it for GPUs).
 The equivalence test therefore uses a norm-free tiny CNN, registered in every Ray worker process by a Ray
-`worker_process_setup_hook`, and `augment: none` (random crops/flips would differ per rank).
+`worker_process_setup_hook`, and `augment: none` (random crops/flips would differ per rank). After the first
+step the two agree to float rounding (an all-reduce sums the half-batch gradients in another order); after
+many steps that rounding is amplified differently on different CPUs (BLAS kernels, reduction order): 1e-3 in
+weights was measured on one machine, which is why only the first step is compared tightly.
 """
 from __future__ import annotations
 
@@ -57,7 +62,7 @@ def register_norm_free_backbone() -> None:
     """Ray worker_process_setup_hook: make the test backbone available in every Ray worker process."""
     from harness import backbones
 
-    backbones.BACKBONES.setdefault(NORM_FREE, lambda width: NormFreeTinyCNN(width or 16))
+    backbones.BACKBONES.setdefault(NORM_FREE, lambda width, *_: NormFreeTinyCNN(width or 16))
 
 
 @pytest.fixture(scope="module")
@@ -149,24 +154,44 @@ def test_one_worker_trial_reports_each_task_and_checkpoints(one_worker):
     out, result, lines, _ = one_worker
     assert result["status"] == "finished", result.get("error")
     assert result["launcher"] == "ray" and result["world_size"] == 1 and result["resources"]["num_workers"] == 1
-    task_lines = [line for line in lines if " task " in line]
+    assert result["resources"]["trainable_cpus"] == 0 and result["threads"] == 1   # the trial runs in its actor
+    task_lines = [line for line in lines if " task " in line and " acc=" in line]
     assert [line.split(" task ")[1].split()[0] for line in task_lines] == ["1", "2", "3", "4", "5"]
-    assert all("order=natural seed=0" in line and "acc=" in line for line in task_lines)
+    assert all("order=natural seed=0" in line for line in task_lines)
     assert any("finished avg_inc_acc=" in line for line in lines)
     assert result["metrics"]["cnn"]["accuracies"][0] > 80           # it learned something real
-    # start-up to the first training step, by stage, in order (benchmarks/perf/harness_overhead.py reads it)
+    # start-up to the first training step, by stage (benchmarks/perf/harness_overhead.py reads it)
     startup = result["startup_s"]
-    assert list(startup) == ["ray_train_start_s", "worker_imports_s", "trial_setup_s"]
-    assert all(v >= 0 for v in startup.values()) and startup["ray_train_start_s"] > 0.1, startup   # new processes
-    # Ray Train kept the last two task checkpoints under the absolute storage path, names without timestamps
-    ray_run = out / "ray" / result["name"]
-    assert sorted(p.name for p in ray_run.glob("task_*")) == ["task_003", "task_004"]
-    assert (ray_run / "task_004" / "task_004.pt").is_file()
-    state = torch.load(ray_run / "task_004" / "task_004.pt", map_location="cpu", weights_only=True)
-    assert state["task"] == 4
+    assert list(startup) == ["trainable_start_s", "trial_setup_s"] and all(v >= 0 for v in startup.values())
+    # every task's checkpoint, names without timestamps, loadable with weights_only
+    ckpts = sorted(p.name for p in (out / "trials" / result["name"] / "checkpoints").glob("task_*.pt"))
+    assert ckpts == [f"task_{t:03d}.pt" for t in range(5)]
+    assert last_checkpoint(out, result["name"])["task"] == 4
 
 
-def test_two_ddp_workers_match_one_worker(one_worker, tmp_path):
+def test_first_step_of_two_ddp_workers_equals_one_worker(ray_session, tmp_path):
+    """One SGD step on a global batch of 256 (the task has ~290 images: the short last batch is dropped):
+    1 worker vs a Ray Train job of 2 gloo workers with 128 images each. Same weights to float rounding."""
+    step = {"epochs": 1, "base_epochs": 1, "batch_size": 256, "cpus_per_worker": 0.95}
+    one = launch(digits_specs(**step), tmp_path / "one")[0]
+    two = launch(digits_specs(num_workers=2, **step), tmp_path / "two")[0]
+    untrained = launch(digits_specs(**{**step, "epochs": 0, "base_epochs": 0}), tmp_path / "init")[0]
+    assert one["status"] == two["status"] == untrained["status"] == "finished", (one.get("error"), two.get("error"))
+    assert two["world_size"] == 2 and two["distributed"] and two["backend"] == "gloo"
+    assert one["history"][0]["images_per_s"] > 0
+    first = [torch.load(tmp_path / d / "trials" / r["name"] / "checkpoints" / "task_000.pt", map_location="cpu",
+                        weights_only=True)["method"] for d, r in (("one", one), ("two", two), ("init", untrained))]
+    w1, w2, initial = (_tensors(state) for state in first)
+    assert w1.keys() == w2.keys() and len(w1) > 4
+    moved = 0
+    for key in w1:
+        assert torch.allclose(w1[key].float(), w2[key].float(), rtol=1e-5, atol=1e-7), key
+        if key in initial and not torch.equal(initial[key], w1[key]):
+            moved += 1
+    assert moved > 0       # the step did change the weights (the comparison is not of two untouched inits)
+
+
+def test_two_ddp_workers_match_one_worker_within_tolerance(one_worker, tmp_path):
     out1, one, _, _ = one_worker
     (two,) = launch(digits_specs(num_workers=2, cpus_per_worker=0.95), tmp_path)
     assert two["status"] == "finished", two.get("error")
@@ -179,17 +204,12 @@ def test_two_ddp_workers_match_one_worker(one_worker, tmp_path):
     mem1 = last_checkpoint(out1, one["name"])["memory"]
     mem2 = last_checkpoint(tmp_path, two["name"])["memory"]
     assert mem1["classes"] == mem2["classes"] and mem1["indices"] == mem2["indices"]
-    # and the accuracy curve is the same up to float rounding (all-reduce sums in another order)
+    # Accuracy after 5 tasks of training: equal on the machine this was written on; elsewhere float rounding
+    # may flip a few of the ~360 test digits. Stated tolerance: 3 points per step, 1.5 on the average.
     acc1, acc2 = one["metrics"]["cnn"]["accuracies"], two["metrics"]["cnn"]["accuracies"]
-    assert acc2 == pytest.approx(acc1, abs=1e-6)
-    flat = [[v for row in r["metrics"]["cnn"]["accuracy_matrix"] for v in row if v is not None] for r in (one, two)]
-    assert flat[1] == pytest.approx(flat[0], abs=1e-6)
-    # because the weights themselves are the same after 5 tasks of DDP training
-    w1 = _tensors(last_checkpoint(out1, one["name"])["method"])
-    w2 = _tensors(last_checkpoint(tmp_path, two["name"])["method"])
-    assert w1.keys() == w2.keys() and len(w1) > 4
-    for key in w1:
-        assert torch.allclose(w1[key].float(), w2[key].float(), rtol=1e-4, atol=1e-5), key
+    assert acc2 == pytest.approx(acc1, abs=3.0)
+    avg1 = one["metrics"]["cnn"]["average_incremental_accuracy"]
+    assert two["metrics"]["cnn"]["average_incremental_accuracy"] == pytest.approx(avg1, abs=1.5)
 
 
 def _tensors(state, prefix: str = "") -> dict[str, torch.Tensor]:
@@ -211,12 +231,51 @@ def test_worker_killed_at_task_2_resumes_to_the_same_metrics(one_worker, tmp_pat
     assert faulty["status"] == "finished", faulty.get("error")
     ckpts = tmp_path / "trials" / faulty["name"] / "checkpoints"
     assert (ckpts / "fault_injected_2").is_file()                       # the fault did fire
-    assert faulty["restored_from"] in ("task_001.pt", "task_002.pt")     # restarted from a Ray checkpoint
-    assert "ray_train_start_s" not in faulty["startup_s"]                # would include the failed attempt
+    assert faulty["restored_from"] == "task_002.pt"                      # Tune restarted it from its checkpoint
+    assert "trainable_start_s" not in faulty["startup_s"]                # would include the failed attempt
     assert faulty["metrics"]["cnn"]["accuracies"] == pytest.approx(clean["metrics"]["cnn"]["accuracies"], abs=1e-9)
     assert faulty["metrics"] == clean["metrics"]                         # bitwise, on CPU with 1 worker
     # each task is printed once, though task 3 ran twice at most
     assert sum(" task 3 " in line for line in lines) == 1
+
+
+def test_a_crashing_trial_is_recorded_failed_not_interrupted(ray_session, tmp_path):
+    lines: list[str] = []
+    (result,) = launch(digits_specs(fault_at_task=1, cpus_per_worker=0.95), tmp_path, lines, max_failures=0)
+    assert result["status"] == "failed" and "InjectedFault" in result["error"], result
+    assert "\n" not in result["error"]
+    assert json.loads((tmp_path / "trials" / result["name"] / "result.json").read_text())["status"] == "failed"
+    assert any("FAILED: InjectedFault" in line for line in lines)
+
+
+def test_placement_group_of_a_dead_creator_is_removed_by_the_driver(ray_session):
+    """What a Ray Train job that Tune stops leaves behind: a placement group created by an actor that is now
+    dead. Ray keeps it (its lifetime is the job's); the driver's reaper frees it, and leaves live ones alone."""
+    from ray.util import placement_group, remove_placement_group
+
+    from harness.ray_cleanup import orphaned_placement_groups, remove_orphaned_placement_groups
+
+    @ray.remote(num_cpus=0)
+    class Creator:
+        def make(self) -> str:
+            pg = placement_group([{"CPU": 0.5}])
+            ray.get(pg.ready(), timeout=60)
+            return pg.id.hex()
+
+    mine = placement_group([{"CPU": 0.25}])          # the driver's own: must survive
+    ray.get(mine.ready(), timeout=60)
+    creator = Creator.remote()
+    orphan = ray.get(creator.make.remote(), timeout=60)
+    assert orphan not in orphaned_placement_groups()  # its creator is alive
+    ray.kill(creator)
+    deadline = time.monotonic() + 30
+    while orphan not in orphaned_placement_groups() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert orphaned_placement_groups() == [orphan]
+    assert remove_orphaned_placement_groups() == 1
+    table = ray.util.placement_group_table()
+    assert table[orphan]["state"] == "REMOVED" and table[mine.id.hex()]["state"] == "CREATED"
+    remove_placement_group(mine)
 
 
 def test_rerun_skips_finished_trials_and_runs_the_rest(one_worker):
