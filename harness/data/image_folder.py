@@ -178,6 +178,16 @@ def decode_file(src: ImageSource, name: str) -> np.ndarray:
     return _decode(src.read(name), src.where(name))
 
 
+def open_rgb(path: str | Path) -> Image.Image:
+    """An image file as an RGB PIL image (the data loader's lazy path); a broken file is a DataError naming it."""
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except Exception as exc:  # noqa: BLE001 -- PIL raises many types for broken files
+        raise DataError(f"cannot decode image {path} ({type(exc).__name__}); replace it with a good copy or "
+                        "delete it") from None
+
+
 def decode_path(path: str | Path) -> np.ndarray:
     """An image file outside any ImageSource (ImageNet-100's listed files)."""
     try:

@@ -8,8 +8,8 @@ from torch.utils.data import Dataset
 from torchvision.transforms import InterpolationMode, v2
 
 from harness.data.base import ArrayData, DatasetInfo
-from harness.data.image_folder import SMALL_IMAGE
-from harness.errors import ConfigError, DataError
+from harness.data.image_folder import SMALL_IMAGE, open_rgb
+from harness.errors import ConfigError
 
 AUGMENTS = ("none", "standard", "randaugment")
 
@@ -64,12 +64,7 @@ class TaskDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         x = self.data.x[index]
         if self.is_paths:
-            try:
-                with Image.open(str(x)) as img:
-                    image = img.convert("RGB")
-            except Exception as exc:  # noqa: BLE001 -- PIL raises many types for broken files
-                raise DataError(f"cannot decode image {x} ({type(exc).__name__}); replace it with a good copy or "
-                                "delete it") from None
+            image = open_rgb(str(x))
         else:
             image = torch.from_numpy(np.ascontiguousarray(x)).permute(2, 0, 1)   # HWC -> CHW, no copy of pixels
         if self.transform is None:
