@@ -98,3 +98,67 @@ def test_cli_lists_and_rejects_bad_input_in_one_line():
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == ["error: unknown method 'nope'; available: "
                                                + out.stderr.split("available: ")[1].strip()]
+
+
+# ---- the option schema (harness.option_schema) and the pre-flight's scenario checks ----------------------------
+def test_every_shipped_suite_method_and_recipe_passes_the_schema():
+    """A schema entry that is too strict would reject a shipped recipe: every combination is checked."""
+    from harness.config import compose_config, list_suites
+    from harness.preflight import check_config, check_scenario
+    from harness.registry import list_methods
+
+    for suite in list_suites():
+        for method in list_methods():
+            for recipe in [None, *sorted(p.stem for p in (ROOT / "benchmarks" / "recipes" / method).glob("*.yaml"))]:
+                config, origins = compose_config(method, suite, recipe=recipe)
+                check_config(config, origins)
+                check_scenario(config)
+
+
+def test_schema_types_follow_yaml():
+    from harness.option_schema import check_options
+
+    defaults = {"lr": 0.1, "epochs": 1}
+    check_options({"lr": 1, "epochs": 3}, defaults)                 # an int where a number is expected is fine
+    for bad in ({"epochs": True}, {"epochs": 2.0}, {"lr": False}, {"lr": "0.1"}, {"lr": float("inf")}):
+        with pytest.raises(ConfigError, match=f"option {next(iter(bad))}: "):
+            check_options(bad, defaults)
+
+
+def test_a_new_option_without_a_schema_entry_is_checked_against_its_default():
+    """Others add keys to defaults.yaml: the type of the default value is the check until an entry exists."""
+    from harness.option_schema import SCHEMA, check_options
+
+    defaults = {"brand_new_interval_s": 30, "brand_new_mode": "fast", "brand_new_flag": False, "brand_new_any": None}
+    assert not set(defaults) & set(SCHEMA)
+    check_options({"brand_new_interval_s": 5, "brand_new_mode": "slow", "brand_new_flag": True,
+                   "brand_new_any": [1, "x"]}, defaults)
+    for key, value in (("brand_new_interval_s", "soon"), ("brand_new_mode", 3), ("brand_new_flag", "yes")):
+        with pytest.raises(ConfigError, match=f"option {key}: {value!r} \\(from x.yaml\\)"):
+            check_options({key: value}, defaults, {key: "x.yaml"})
+
+
+def test_error_line_names_the_file_the_value_came_from(tmp_path):
+    from harness.config import compose_config
+    from harness.preflight import check_config
+
+    opts = tmp_path / "mine.yaml"
+    opts.write_text("momentum: [0.9]\n")
+    config, origins = compose_config("replay", "digits-5x2", [str(opts)])
+    with pytest.raises(ConfigError) as err:
+        check_config(config, origins)
+    assert str(err.value) == (f"option momentum: [0.9] (from {opts}) is not valid; expected a number in [0, 1]")
+
+
+def test_orders_and_seeds_must_be_distinct():
+    from harness.config import compose_config
+    from harness.preflight import check_scenario
+
+    config, _ = compose_config("replay", "digits-5x2", overrides={"orders": ["natural", "seed3"], "seeds": [0, 7]})
+    assert len(check_scenario(config)) == 2
+    config["orders"] = ["natural", list(range(10))]
+    with pytest.raises(ConfigError, match=r"\[0, 1, 2, .* is the same permutation as 'natural'"):
+        check_scenario(config)
+    config["orders"], config["seeds"] = ["natural"], [7, 7]
+    with pytest.raises(ConfigError, match="seed 7 is listed more than once"):
+        check_scenario(config)
