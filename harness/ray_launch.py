@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -71,19 +72,22 @@ def _quiet_driver(verbose: bool) -> None:
 
 
 def init_ray(address: str | None = None, verbose: bool = False) -> bool:
-    """Join `address` (else RAY_ADDRESS), or start an embedded single-machine Ray. True when Ray was started
-    here (the caller shuts it down). An already initialised Ray session is reused as is."""
-    import ray
+    """Join `address` (else RAY_ADDRESS), or start an embedded single-machine Ray bound to 127.0.0.1. True when
+    Ray was started here (the caller shuts it down). An already initialised Ray session is reused as is.
+    Joining probes the address first and picks up the cluster's token authentication (harness.cluster): a bad
+    address or a missing token is one error line, not a traceback after 40 s of retries."""
+    from harness.cluster import cluster_address, join_cluster, keep_embedded_ray_local
 
     _quiet_driver(verbose)
-    if ray.is_initialized():
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
         return False
-    address = address or os.environ.get("RAY_ADDRESS") or None
-    level = logging.INFO if verbose else logging.WARNING
-    if address:
-        # Joining a cluster: resources are the cluster's (passing num_cpus here raises).
-        ray.init(address=address, log_to_driver=verbose, logging_level=level)
+    target, source = cluster_address(address)
+    if target:
+        join_cluster(target, source, verbose)
         return True
+    keep_embedded_ray_local()      # before Ray is imported where possible: Ray reads it at import
+    import ray
+
     # Embedded: workers must import harness/ and methods/ whatever the driver's cwd is.
     paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     if str(ROOT) not in paths:
@@ -92,6 +96,7 @@ def init_ray(address: str | None = None, verbose: bool = False) -> bool:
     # PlacementGroupCleaner needs to see that a trial's controller is gone: without it, a trial that Tune stops
     # early (ASHA) keeps its workers' CPUs reserved forever and later trials wait for ever (measured: a sweep on
     # 2 CPUs hung after its second early stop).
+    level = logging.INFO if verbose else logging.WARNING
     ray.init(num_cpus=os.cpu_count(), log_to_driver=verbose, logging_level=level, include_dashboard=True,
              dashboard_host="127.0.0.1")
     return True
@@ -120,6 +125,8 @@ class GridDriver:
         self.running: set[str] = set()
         self._progress_seen: dict[str, float] = {}
         self._next_poll = 0.0
+        interval = min(float(s["config"].get("progress_interval_s") or 30.0) for s in specs.values())
+        self.poll_s = min(PROGRESS_POLL_S, interval)
         self.reaper = PeriodicReaper(REAP_POLL_S)
 
     def on_result(self, name: str, result: dict) -> None:
@@ -151,7 +158,7 @@ class GridDriver:
         """Between Tune's steps: heartbeat lines of long tasks, and freeing orphaned placement groups."""
         now = time.monotonic()
         if now >= self._next_poll:
-            self._next_poll = now + PROGRESS_POLL_S
+            self._next_poll = now + self.poll_s
             for name in sorted(self.running):
                 self._show_progress(name)
         if self.multi_worker:
