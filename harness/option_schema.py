@@ -125,6 +125,7 @@ DEVICE = Rule("auto | cpu | cuda | cuda:N",
                                                 (v.startswith("cuda:") and v[5:].isdigit())))
 AMP = choice(("auto", "none", "off", "fp32", "fp16", "float16", "bf16", "bfloat16"))
 SCHEDS = ("multistep", "cosine", "constant")
+PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")     # Ray's placement group strategies
 PROB = number(0, 1)
 POS_INT, NONNEG_INT, POS_NUM, NONNEG_NUM = integer(1), integer(0), number(above=0), number(0)
 MODES = names(("tr", "ft"))
@@ -155,6 +156,8 @@ SCHEMA: dict[str, Rule] = {
     # evaluation and runtime
     "eval_batch_size": POS_INT, "seed": NONNEG_INT, "device": DEVICE, "amp": AMP, "num_workers": POS_INT,
     "cpus_per_worker": optional(POS_NUM), "gpus_per_worker": optional(NONNEG_NUM), "loader_workers": NONNEG_INT,
+    "threads_per_worker": optional(POS_INT), "placement_strategy": choice(PLACEMENTS),
+    "placement_timeout_s": POS_NUM, "progress_interval_s": NONNEG_NUM,
     "batched_augment": AUTO_BOOL, "channels_last": AUTO_BOOL, "compile": BOOL, "variant": optional(TEXT),
     "fault_at_task": optional(NONNEG_INT),
     # iCaRL
