@@ -16,19 +16,13 @@ import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, NoReturn
+from typing import Iterator
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
 from harness.errors import ConfigError, HarnessError, ResourceError  # noqa: E402
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse's own errors (unknown flag, `--epochs abc`) as one `error:` line, like every other bad input."""
-
-    def error(self, message: str) -> NoReturn:
-        raise ConfigError(f"{message} (see {self.prog} --help)")
+from harness.preflight import OneLineParser  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -7,9 +7,11 @@ except a probe file that is created and deleted at once to learn whether a folde
 """
 from __future__ import annotations
 
+import argparse
 import os
 import tempfile
 from pathlib import Path
+from typing import NoReturn
 from urllib.parse import urlparse
 
 from harness.errors import ConfigError, HarnessError, ResourceError
@@ -31,6 +33,13 @@ def preflight(config: dict, origins: dict[str, str] | None = None, *, output_dir
     output = check_output_dir(output_dir)
     if tracking:
         check_tracking_store(tracking_uri, output, experiment)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse's own errors (unknown flag, `--epochs abc`) as one `error:` line, like every other bad input."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ConfigError(f"{message} (see {self.prog} --help)")
 
 
 # ---- options ----------------------------------------------------------------------------------------------

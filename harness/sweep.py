@@ -104,8 +104,10 @@ def add_sweep_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="run_benchmark.py sweep", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    from harness.preflight import OneLineParser     # argparse errors as one `error:` line
+
+    p = OneLineParser(prog="run_benchmark.py sweep", description=__doc__.split("\n\n")[0],
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
     return add_sweep_arguments(p)
 
 

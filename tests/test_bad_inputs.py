@@ -241,3 +241,28 @@ def test_there_are_at_least_forty_distinct_bad_inputs():
     ids = [case[0] for case in CASES]
     assert len(ids) == len(set(ids)) >= 40
     assert sum(case[3] == CLI for case in CASES) >= len(CASES) // 6      # a good share through a real process
+
+
+SWEEP = ["sweep", "--method", "finetune", "--suite", "digits-5x2", "--space", str(ROOT / "benchmarks/sweeps/finetune.yaml")]
+
+
+@pytest.mark.parametrize("extra,words", [
+    (["--num-samples", "many"], "argument --num-samples: invalid int value"),
+    (["--set", "lr=abc"], "option lr: 'abc'"),
+    (["--device", "cuda:99"], "--device cuda:99"),
+    (["--seed", "-4"], "seed -4 is out of range"),
+], ids=["sweep-num-samples-text", "sweep-lr-text", "sweep-device-cuda-index", "sweep-seed-negative"])
+def test_sweep_runs_the_same_pre_flight(extra, words, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, _, stderr = _run([*SWEEP, "--output-dir", str(tmp_path / "out"), *extra], False, tmp_path)
+    assert code == 2 and stderr.count("\n") == 1 and stderr.startswith("error: ") and words in stderr, stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_os_error_while_writing_results_is_one_line(tmp_path):
+    from harness.errors import ResourceError
+
+    with pytest.raises(ResourceError) as err:
+        with run_benchmark.os_errors_as_one_line(tmp_path):
+            (tmp_path / "gone" / "summary.csv").write_text("x")
+    assert "\n" not in str(err.value) and "gone/summary.csv" in str(err.value) and "rerun" in str(err.value)
