@@ -183,6 +183,11 @@ def main(argv: list[str] | None = None) -> int:
     config["output_dir"] = str(output_dir)
     preflight(config, origins, output_dir=output_dir, launcher=args.launcher, address=args.address,
               tracking_uri=args.tracking_uri, tracking=not args.no_tracking, experiment=args.experiment)
+    if args.launcher == "ray":   # on a cluster: join it, check shared folders and state API on every node
+        from harness.cluster import preflight_cluster
+
+        preflight_cluster(args.address, output_dir, config.get("data_path"),
+                          None if args.no_tracking else args.tracking_uri, bool(config.get("download")), args.verbose)
     options = LaunchOptions(launcher=args.launcher, address=args.address,
                             max_concurrent_trials=args.max_concurrent_trials, max_failures=args.max_failures,
                             verbose=args.verbose)

@@ -96,9 +96,10 @@ def init_ray(address: str | None = None, verbose: bool = False) -> bool:
     # PlacementGroupCleaner needs to see that a trial's controller is gone: without it, a trial that Tune stops
     # early (ASHA) keeps its workers' CPUs reserved forever and later trials wait for ever (measured: a sweep on
     # 2 CPUs hung after its second early stop).
+    # address="local": a new instance even when `ray start` runs on this machine (ray.init() would join that one).
     level = logging.INFO if verbose else logging.WARNING
-    ray.init(num_cpus=os.cpu_count(), log_to_driver=verbose, logging_level=level, include_dashboard=True,
-             dashboard_host="127.0.0.1")
+    ray.init(address="local", num_cpus=os.cpu_count(), log_to_driver=verbose, logging_level=level,
+             include_dashboard=True, dashboard_host="127.0.0.1")
     return True
 
 

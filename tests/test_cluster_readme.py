@@ -1,0 +1,195 @@
+"""The README's "Running on a cluster" section, executed on 127.0.0.1 as a user would (issue 16).
+
+`ray start --head` (token authentication on, as Ray sets it up whenever a token exists), a worker node joining it,
+`RAY_ADDRESS=... python run_benchmark.py ...`, `ray job submit --working-dir . -- python run_benchmark.py ...`,
+then the cluster is stopped. Both runs must give the local launcher's numbers, a missing or wrong token must be
+one error line, and no process of the test cluster may be left running, even when the test fails.
+
+Isolation on a shared machine: own ports, own --temp-dir (short: Ray's unix socket paths are limited to 107
+characters), own token file (RAY_AUTH_TOKEN_PATH). The cluster is stopped by killing its own processes (found by
+its temp dir) rather than `ray stop`, which stops every Ray instance on the machine, other users' included.
+"""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+RAY_CLI = Path(sys.executable).with_name("ray")
+BENCH = ["run_benchmark.py", "--method", "replay", "--suite", "digits-5x2"]
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Ray clusters run on Linux"),
+              pytest.mark.skipif(not RAY_CLI.exists(), reason=f"no ray CLI next to {sys.executable}")]
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+# ---- the processes of one cluster, by its temp dir (Linux /proc) --------------------------------------------
+def _processes() -> dict[int, tuple[int, str]]:
+    """pid -> (parent pid, command line) of every process we can read."""
+    table = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        table[int(entry.name)] = (int(stat.rsplit(")", 1)[1].split()[1]), cmdline)
+    return table
+
+
+def cluster_processes(temp_dir: str) -> dict[int, str]:
+    """Processes naming `temp_dir` on their command line (GCS, raylets, dashboard, monitors) and all their
+    descendants (workers, agents and the job's driver rename themselves `ray::...`)."""
+    table = _processes()
+    mine, pid = set(), os.getpid()         # this process and its ancestors may name temp_dir too: never them
+    while pid in table and pid not in mine:
+        mine.add(pid)
+        pid = table[pid][0]
+    found = {pid for pid, (_, cmd) in table.items() if temp_dir in cmd} - mine
+    grew = True
+    while grew:
+        kids = {pid for pid, (ppid, _) in table.items() if ppid in found} - found
+        found |= kids
+        grew = bool(kids)
+    return {pid: table[pid][1] for pid in found}
+
+
+def stop_cluster(temp_dir: str, grace_s: float = 15.0) -> dict[int, str]:
+    """SIGTERM the cluster's processes, SIGKILL what is left after `grace_s`; returns what still runs."""
+    procs = cluster_processes(temp_dir)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in procs:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline and cluster_processes(temp_dir):
+            time.sleep(0.5)
+        procs = cluster_processes(temp_dir)
+        if not procs:
+            break
+    return procs
+
+
+# ---- running things ---------------------------------------------------------------------------------------------
+def run(cmd: list[str], env: dict, timeout: float, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([str(c) for c in cmd], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def check(proc: subprocess.CompletedProcess, what: str) -> str:
+    assert proc.returncode == 0, f"{what} failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout
+
+
+def numbers(output_dir: Path) -> tuple[float, float]:
+    """(average incremental accuracy, last accuracy) of the single trial run into `output_dir`."""
+    results = list(output_dir.glob("trials/*/result.json"))
+    assert len(results) == 1, f"expected one trial in {output_dir}, found {results}"
+    result = json.loads(results[0].read_text())
+    assert result["status"] == "finished", result.get("error")
+    main = next(iter(result["metrics"].values()))
+    return main["average_incremental_accuracy"], main["last_accuracy"]
+
+
+def alive_nodes(address: str, env: dict) -> int:
+    out = run([RAY_CLI, "status", "--address", address], env, timeout=60).stdout
+    active = out.split("Active:", 1)[-1].split("Pending:", 1)[0]
+    return active.count("node_")
+
+
+def assert_one_error_line(proc: subprocess.CompletedProcess, *phrases: str) -> None:
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-2000:]
+    for phrase in phrases:
+        assert phrase in lines[0], lines[0]
+
+
+def test_readme_cluster_section(tmp_path: Path) -> None:
+    gcs, dashboard, agent_head, agent_worker, client, metrics_a, metrics_b = free_ports(7)
+    temp_dir = tempfile.mkdtemp(prefix="clbr", dir="/tmp")      # short: unix socket paths under it
+    token = Path(temp_dir) / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH", "RAY_API_SERVER"))}
+    env.update(RAY_AUTH_TOKEN_PATH=str(token), RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1")
+    address, jobs = f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dashboard}"
+    # Ray's state API, called without an address in the nodes' processes (Ray Train's PlacementGroupCleaner),
+    # looks for the cluster in /tmp/ray: with our own --temp-dir, and other Ray instances on this machine, it
+    # must be told (the harness's pre-flight check fails without this; docs/CLUSTER.md).
+    node_env = {**env, "RAY_API_SERVER_ADDRESS": jobs,
+                # The head's two metrics servers have fixed default ports; another Ray on the machine may hold them.
+                "AUTOSCALER_METRIC_PORT": str(metrics_a), "DASHBOARD_METRIC_PORT": str(metrics_b)}
+    try:
+        # README: ray start --head --port=6379 (Ray turns token authentication on: a token exists)
+        head = check(run([RAY_CLI, "start", "--head", f"--port={gcs}", "--num-cpus=1", f"--temp-dir={temp_dir}",
+                          f"--dashboard-port={dashboard}", f"--dashboard-agent-listen-port={agent_head}",
+                          f"--ray-client-server-port={client}", "--disable-usage-stats"],
+                         node_env, timeout=120), "ray start --head")
+        assert "Ray runtime started" in head
+        # README: RAY_AUTH_MODE=token ray start --address=HEAD:6379 (a worker node needs the mode exported)
+        check(run([RAY_CLI, "start", f"--address={address}", "--num-cpus=1", f"--temp-dir={temp_dir}",
+                   f"--dashboard-agent-listen-port={agent_worker}"], {**node_env, "RAY_AUTH_MODE": "token"},
+                  timeout=120), "ray start --address (worker node)")
+        token_env = {**env, "RAY_AUTH_MODE": "token"}
+        deadline = time.monotonic() + 60
+        while alive_nodes(address, token_env) < 2:
+            assert time.monotonic() < deadline, "the worker node did not join within 60 s"
+            time.sleep(2)
+
+        # The reference: the local launcher, one torch thread as each Ray worker gets with --cpus-per-worker 1.
+        check(run([sys.executable, *BENCH, "--launcher", "local", "--output-dir", tmp_path / "local",
+                   "--no-tracking"], {**env, "OMP_NUM_THREADS": "1"}, timeout=300), "local launcher")
+        expected = numbers(tmp_path / "local")
+
+        # A missing or wrong token: one line saying where the token is and what to copy or export; nothing written.
+        no_token = run([sys.executable, *BENCH, "--output-dir", tmp_path / "no_token"],
+                       {**env, "RAY_ADDRESS": address, "RAY_AUTH_TOKEN_PATH": str(tmp_path / "absent")}, timeout=120)
+        assert_one_error_line(no_token, "token authentication", "no token was found", "RAY_AUTH_TOKEN_PATH")
+        wrong = tmp_path / "wrong_token"
+        wrong.write_text(secrets.token_hex(32))
+        bad_token = run([sys.executable, *BENCH, "--output-dir", tmp_path / "bad_token"],
+                        {**env, "RAY_ADDRESS": address, "RAY_AUTH_TOKEN_PATH": str(wrong)}, timeout=120)
+        assert_one_error_line(bad_token, "rejected the authentication token", str(wrong))
+        assert not (tmp_path / "no_token").exists() and not (tmp_path / "bad_token").exists()
+
+        # README: RAY_ADDRESS=HEAD:6379 python run_benchmark.py ... (no RAY_AUTH_MODE: the harness detects it)
+        out = check(run([sys.executable, *BENCH, "--cpus-per-worker", "1", "--output-dir", tmp_path / "address"],
+                        {**env, "RAY_ADDRESS": address}, timeout=600), "RAY_ADDRESS run")
+        assert "Traceback" not in out
+        assert numbers(tmp_path / "address") == pytest.approx(expected, abs=0.01)
+
+        # README: ray job submit --address http://HEAD:8265 --working-dir . -- python run_benchmark.py ...
+        job = check(run([RAY_CLI, "job", "submit", "--address", jobs, "--working-dir", ".", "--", "python", *BENCH,
+                         "--cpus-per-worker", "1", "--output-dir", tmp_path / "job"], token_env, timeout=600),
+                    "ray job submit")
+        assert "succeeded" in job
+        assert numbers(tmp_path / "job") == pytest.approx(expected, abs=0.01)
+    finally:
+        leftovers = stop_cluster(temp_dir)         # README: ray stop (on every node)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    assert not leftovers, f"still running after the cluster was stopped: {leftovers}"
