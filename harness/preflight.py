@@ -45,11 +45,12 @@ class OneLineParser(argparse.ArgumentParser):
 # ---- options ----------------------------------------------------------------------------------------------
 def check_config(config: dict, origins: dict[str, str] | None = None) -> None:
     """Types and ranges of every option (harness.option_schema), then the checks across options."""
-    from harness.config import check_required, defaults, validate
+    from harness.config import check_required, defaults, method_recipe, validate
     from harness.option_schema import check_options
 
     check_required(config)
-    check_options(config, defaults(), origins)
+    # Options without a schema entry are checked against their default: the harness's, or the method's own.
+    check_options(config, {**defaults(), **method_recipe(config["method"], None, explicit=False)[0]}, origins)
     validate(config)
 
 

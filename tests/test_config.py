@@ -162,3 +162,26 @@ def test_orders_and_seeds_must_be_distinct():
     config["orders"], config["seeds"] = ["natural"], [7, 7]
     with pytest.raises(ConfigError, match="seed 7 is listed more than once"):
         check_scenario(config)
+
+
+def test_a_method_option_without_a_schema_entry_is_checked_against_the_method_default(tmp_path, monkeypatch):
+    """A key a method recipe adds (not in defaults.yaml, no schema entry) is checked against the recipe's value."""
+    import shutil
+
+    import harness.config
+    from harness.config import compose_config
+    from harness.preflight import check_config
+
+    recipes = tmp_path / "recipes"
+    shutil.copytree(ROOT / "benchmarks" / "recipes", recipes)
+    with open(recipes / "der" / "default.yaml", "a") as f:
+        f.write("\nbrand_new_der_weight: 0.5\n")
+    monkeypatch.setattr(harness.config, "RECIPES_DIR", recipes)
+    monkeypatch.setattr(harness.config, "ROOT", tmp_path)      # recipe files are named relative to it
+    opts = tmp_path / "o.yaml"
+    opts.write_text("brand_new_der_weight: [not, a, number]\n")
+    config, origins = compose_config("der", "digits-5x2", [str(opts)])
+    with pytest.raises(ConfigError, match="option brand_new_der_weight: .* expected a number"):
+        check_config(config, origins)
+    opts.write_text("brand_new_der_weight: 2\n")
+    check_config(*compose_config("der", "digits-5x2", [str(opts)]))
