@@ -161,8 +161,8 @@ def compose_config(method: str, suite: str, options: Iterable[str] = (), overrid
         config["orders"] = list(orders)
     seeds = overrides.get("seeds") or config.get("seeds") or suite_cfg.get("seeds", [0])
     if not (isinstance(seeds, list) and all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)):
-        raise ConfigError(f"seeds must be a list of integers, e.g. [0, 1, 2], got {seeds!r} "
-                          f"in {origins.get('seeds', 'the command line' if overrides.get('seeds') else f'suite {suite}')}")
+        where = origins.get("seeds", "the command line" if overrides.get("seeds") else f"suite {suite}")
+        raise ConfigError(f"seeds must be a list of integers, e.g. [0, 1, 2], got {seeds!r} in {where}")
     config["seeds"] = [int(s) for s in seeds]
     return config, origins
 

@@ -34,7 +34,8 @@ def _is_num(v: Any) -> bool:
 
 
 def integer(lo: int | None = None) -> Rule:
-    return Rule("an integer" + (f" >= {lo}" if lo is not None else ""), lambda v: _is_int(v) and (lo is None or v >= lo))
+    return Rule("an integer" + (f" >= {lo}" if lo is not None else ""),
+                lambda v: _is_int(v) and (lo is None or v >= lo))
 
 
 def number(lo: float | None = None, hi: float | None = None, above: float | None = None) -> Rule:

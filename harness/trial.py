@@ -228,9 +228,11 @@ def run_trial(spec: dict, ctx: RuntimeContext) -> dict:
 
     return {
         "name": spec["name"], "method": config["method"], "suite": config["suite"], "order": spec["order_name"],
-        "seed": seed, "status": "finished", "history": history, "metrics": metrics.summary(),
+        "class_order": [int(c) for c in order], "seed": seed, "status": "finished", "history": history,
+        "metrics": metrics.summary(),
         "num_tasks": num_tasks, "parameters": method.parameter_count(), "validation": validation,
         "wall_time_s": time.perf_counter() - started, "world_size": ctx.world_size,
+        "resumed_from": ckpt_path.name if ckpt_path is not None else None,
     }
 
 

@@ -243,7 +243,8 @@ def test_there_are_at_least_forty_distinct_bad_inputs():
     assert sum(case[3] == CLI for case in CASES) >= len(CASES) // 6      # a good share through a real process
 
 
-SWEEP = ["sweep", "--method", "finetune", "--suite", "digits-5x2", "--space", str(ROOT / "benchmarks/sweeps/finetune.yaml")]
+SWEEP = ["sweep", "--method", "finetune", "--suite", "digits-5x2",
+         "--space", str(ROOT / "benchmarks" / "sweeps" / "finetune.yaml")]
 
 
 @pytest.mark.parametrize("extra,words", [
