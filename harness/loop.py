@@ -14,11 +14,10 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Sampler
 from timm.optim import create_optimizer_v2
-from timm.scheduler import create_scheduler_v2
 from tqdm.auto import tqdm
 
 from harness.method import Method, PhaseConfig, TaskInfo
-from harness.runtime import RuntimeContext
+from harness.runtime import RuntimeContext, seed_everything
 
 
 class GlobalBatchSampler(Sampler[list[int]]):
@@ -75,24 +74,70 @@ def make_loader(dataset: Dataset, batch: int, ctx: RuntimeContext, seed: int, sh
                       pin_memory=ctx.device.type == "cuda", persistent_workers=False)
 
 
-def build_optimizer(params, phase: PhaseConfig) -> torch.optim.Optimizer:
-    # filter_bias_and_bn only applies to modules; we pass parameter lists, so weight decay is uniform
-    # (as in DyTox, which defines no no_weight_decay()).
-    kwargs = {"momentum": phase.momentum} if phase.opt in ("sgd", "momentum", "nesterov") else {}
-    return create_optimizer_v2(list(params), opt=phase.opt, lr=phase.lr, weight_decay=phase.weight_decay,
-                               **kwargs)
+# `sgd` is PyTorch's SGD with classical momentum (iCaRL, DER and PyCIL), NOT timm's `sgd`, which is Nesterov;
+# `nesterov` asks for Nesterov. Every other name goes to timm's factory (adamw, ...).
+SGD_NAMES = {"sgd": False, "momentum": False, "nesterov": True}
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, phase: PhaseConfig):
-    """timm schedulers stepped per epoch; `constant` means no scheduler."""
-    if phase.sched == "constant" or phase.epochs <= 0:
-        return None
-    sched, _ = create_scheduler_v2(
-        optimizer, sched={"multistep": "multistep", "cosine": "cosine"}[phase.sched],
-        num_epochs=phase.epochs, decay_milestones=list(phase.milestones) or [phase.epochs + 1],
-        decay_rate=phase.gamma, min_lr=phase.min_lr, warmup_lr=phase.warmup_lr,
-        warmup_epochs=phase.warmup_epochs)
-    return sched
+def weight_decay_groups(params, weight_decay: float, decay_1d: bool = True) -> list[dict]:
+    """Parameter groups with their weight decay. decay_1d False: biases, norm weights and every other 1-D
+    parameter (DyTox's GPSA gates) get none -- what timm's optimizer factory did for the original DyTox
+    (`filter_bias_and_bn`; DyTox defines no `no_weight_decay()`, so position embedding and task tokens, which are
+    not 1-D, are decayed). decay_1d True: one group, everything decayed (torch.optim on `model.parameters()`,
+    as iCaRL, PyCIL and DER)."""
+    params = list(params)
+    if decay_1d or not weight_decay:
+        return [{"params": params, "weight_decay": weight_decay}]
+    decay = [p for p in params if p.ndim > 1]
+    no_decay = [p for p in params if p.ndim <= 1]
+    return [g for g in ({"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0})
+            if g["params"]]
+
+
+def build_optimizer(params, phase: PhaseConfig, decay_1d: bool = True) -> torch.optim.Optimizer:
+    """The phase's optimizer over `params` (see SGD_NAMES and weight_decay_groups)."""
+    groups = weight_decay_groups(params, phase.weight_decay, decay_1d)
+    name = phase.opt.lower()
+    if name in SGD_NAMES:
+        return torch.optim.SGD(groups, lr=phase.lr, momentum=phase.momentum, nesterov=SGD_NAMES[name],
+                               weight_decay=phase.weight_decay)
+    return create_optimizer_v2(groups, opt=name, lr=phase.lr, weight_decay=phase.weight_decay)
+
+
+def lr_at_epoch(phase: PhaseConfig, epoch: int) -> float:
+    """The learning rate of (0-based) `epoch` of a phase: the epoch-to-lr map of the code each recipe comes from.
+
+    multistep -- PyTorch's MultiStepLR stepped after every epoch (iCaRL, PyCIL, DER): milestone m lowers the lr
+        from epoch m on, lr * gamma ** #(milestones <= epoch); during `warmup_epochs` epochs before that, a linear
+        ramp from `warmup_lr` (timm's warm-up formula).
+    cosine -- timm's CosineLRScheduler (t_initial = epochs, cycle limit 1) stepped as DyTox's main.py steps it:
+        `step(epoch)` AFTER epoch `epoch`, so epoch 0 runs at f(0) and epoch e >= 1 at f(e - 1) (epochs 0 and 1
+        both at the warm-up lr), with f(t) = warmup_lr + t (lr - warmup_lr) / warmup_epochs for t < warmup_epochs,
+        else min_lr + (lr - min_lr) (1 + cos(pi t / epochs)) / 2.
+    constant -- lr.
+    """
+    lr, warmup = phase.lr, phase.warmup_epochs
+    if phase.sched == "constant":
+        return lr
+    if phase.sched == "multistep":
+        if epoch < warmup:
+            return phase.warmup_lr + epoch * (lr - phase.warmup_lr) / warmup
+        return lr * phase.gamma ** sum(1 for m in phase.milestones if m <= epoch)
+    if phase.sched == "cosine":
+        t = max(epoch - 1, 0)
+        if t < warmup:
+            return phase.warmup_lr + t * (lr - phase.warmup_lr) / warmup
+        if t >= phase.epochs:
+            return phase.min_lr
+        return phase.min_lr + 0.5 * (lr - phase.min_lr) * (1 + math.cos(math.pi * t / phase.epochs))
+    from harness.errors import ConfigError
+
+    raise ConfigError(f"unknown sched {phase.sched!r}: use multistep, cosine or constant")
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
 
 
 def _wrap_ddp(model: nn.Module, ctx: RuntimeContext) -> nn.Module:
@@ -138,12 +183,22 @@ def train_phase(method: Method, dataset: Dataset, phase: PhaseConfig, task: Task
     if use_cl:   # every phase: modules added since the last one (DER's extractors) are converted too
         method.model.to(memory_format=torch.channels_last)
     params = [p for p in method.parameters_to_optimize(phase) if p.requires_grad]
-    optimizer = method.wrap_optimizer(build_optimizer(params, phase), phase, task)
-    scheduler = build_scheduler(getattr(optimizer, "base_optimizer", optimizer), phase)
+    options = getattr(method, "config", None) or {}
+    decay_1d = bool(options.get("weight_decay_1d", True))
+    optimizer = method.wrap_optimizer(build_optimizer(params, phase, decay_1d), phase, task)
+    lr_at_epoch(phase, 0)                   # an unknown schedule fails before any work
     scaler = torch.amp.GradScaler("cuda") if ctx.amp == torch.float16 else None
     loader_seed = seed + 7919 * task.task_id + zlib.crc32(phase.name.encode()) % 997
+    # `finetuning_shuffle: false` replays the original DyTox's `ft_no_sampling`: the memory phase iterates the
+    # memory in its stored (class-sorted) order, unshuffled.
+    shuffle = phase.data != "memory" or options.get("finetuning_shuffle", True) is not False
     loader = make_loader(dataset, phase.batch_size, ctx, loader_seed,
-                         shuffle=True, loader_workers=loader_workers, repeats=phase.repeated_aug)
+                         shuffle=shuffle, loader_workers=loader_workers, repeats=phase.repeated_aug)
+    if ctx.world_size > 1:
+        # Every rank starts the task from the same seed, so per-image augmentation (torch; numpy and Python for
+        # timm's RandAugment) would draw alike on every rank and the copies of an image that repeated augmentation
+        # sends to different ranks would be augmented identically. Per-rank streams (the original's seed + rank).
+        seed_everything(loader_seed * 1_000_003 + 7 + ctx.rank)
     # Batched augmentation draws from its own generator, distinct per rank: every rank's global RNG is seeded
     # alike, and repeated augmentation puts an image's copies on different ranks, which must augment differently.
     aug_generator = torch.Generator().manual_seed(loader_seed * 1_000_003 + ctx.rank)
@@ -151,10 +206,12 @@ def train_phase(method: Method, dataset: Dataset, phase: PhaseConfig, task: Task
     method.net = _wrap_ddp(torch.compile(method.model) if compile_model else method.model, ctx)
     method.model.train()
     epoch_times, images, losses = [], 0, []
+    phase_start = time.perf_counter()
     bar = tqdm(total=phase.epochs * len(loader), desc=f"task {task.task_id} {phase.name}",
                disable=not (ctx.progress and ctx.is_main), leave=False, dynamic_ncols=True)
     for epoch in range(phase.epochs):
         loader.batch_sampler.set_epoch(epoch)
+        set_lr(optimizer, lr_at_epoch(phase, epoch))   # SAM's param_groups are its base optimizer's
         start, running, count = time.perf_counter(), 0.0, 0
         for x, y in loader:
             x = x.to(ctx.device, non_blocking=True)
@@ -168,8 +225,8 @@ def train_phase(method: Method, dataset: Dataset, phase: PhaseConfig, task: Task
             count += 1
             images += x.shape[0] * ctx.world_size
             bar.update(1)
-        if scheduler is not None:
-            scheduler.step(epoch + 1)
+            ctx.beat(task.task_id, phase.name, epoch, phase.epochs, count, len(loader), running / count, images,
+                     time.perf_counter() - phase_start)
         epoch_times.append(time.perf_counter() - start)
         losses.append(running / max(count, 1))
         bar.set_postfix(loss=f"{losses[-1]:.3f}")

@@ -40,10 +40,11 @@ class TrialTools:
         self.memory = memory
         self.class_names = class_names
 
-    def features(self, data: ArrayData, flip: bool = False) -> torch.Tensor:
+    def features(self, data: ArrayData, flip: bool = False, transform=None) -> torch.Tensor:
         """Eval-mode features of `data` with the TEST transform (the original DyTox herded on augmented
-        images, a bug we fix), computed shard-wise across workers and gathered."""
-        return compute_features(self._method.features, self._method.model, TaskDataset(data, self._tf),
+        images, a bug we fix; `herding_transform: train` passes the training one), computed shard-wise across
+        workers and gathered."""
+        return compute_features(self._method.features, self._method.model, TaskDataset(data, transform or self._tf),
                                 self._ctx, self._batch, flip=flip)
 
     def memory_data(self) -> ArrayData | None:
@@ -161,7 +162,11 @@ def run_trial(spec: dict, ctx: RuntimeContext) -> dict:
     if method.uses_memory and (config.get("memory_size") or config.get("memory_per_class")):
         memory = RehearsalMemory(memory_size=config.get("memory_size") or None,
                                  per_class=config.get("memory_per_class"), selection=method.memory_selection(),
-                                 seed=seed)
+                                 seed=seed, placement=config.get("memory_mode") or "global",
+                                 shards=config.get("memory_shards") or 2)
+    # `herding_transform: train` replays the original DyTox: exemplar features of augmented images.
+    herding_tf = build_transform(info, train=True, options=config) if config.get("herding_transform") == "train" \
+        else None
     method.tools = TrialTools(method, ctx, test_tf, config["eval_batch_size"], memory, scenario.class_names)
     metrics = ContinualMetrics()
     history: list[dict] = []
@@ -196,7 +201,7 @@ def run_trial(spec: dict, ctx: RuntimeContext) -> dict:
 
         if memory is not None:
             new_data = scenario.train_task(t)
-            feats = method.tools.features(new_data) if memory.selection != "random" else None
+            feats = method.tools.features(new_data, transform=herding_tf) if memory.selection != "random" else None
             memory.update(new_data.x, new_data.y, feats, num_seen_classes=task.num_seen_classes)
         method.after_task(task)
 
@@ -239,7 +244,8 @@ def run_trial(spec: dict, ctx: RuntimeContext) -> dict:
 def _task_row(metrics: ContinualMetrics, t: int, stats: dict, method: Method) -> dict:
     summary = metrics.summary()
     row = {"task": t, "loss": stats["loss"], "epoch_time_s": stats["epoch_time"],
-           "images_per_s": stats["images_per_s"], "parameters": method.parameter_count()}
+           "images_per_s": stats["images_per_s"], "parameters": method.parameter_count(),
+           "head": next(iter(summary), None)}     # the head `accuracy` comes from (nme, cnn)
     for head, values in summary.items():
         prefix = "" if head == next(iter(summary)) else f"{head}_"
         row[f"{prefix}accuracy"] = values["accuracies"][-1]

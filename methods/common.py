@@ -41,7 +41,8 @@ class IncrementalNetMethod(Method):
     """Cross-entropy over all seen classes on a growing IncrementalNet (finetune / replay / joint)."""
 
     def build(self) -> None:
-        backbone = build_backbone(self.config["backbone"], self.config.get("backbone_width"))
+        backbone = build_backbone(self.config["backbone"], self.config.get("backbone_width"),
+                                  self.config.get("resnet_shortcut"))
         self.model = IncrementalNet(backbone).to(self.device)
 
     def before_task(self, task: TaskInfo) -> None:

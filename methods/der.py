@@ -33,6 +33,9 @@ from harness.method import Method, PhaseConfig, TaskInfo
 from harness.registry import register_method
 
 DECOUPLE = "decouple"
+# DER's own options when a config lacks them: the values of benchmarks/recipes/der/default.yaml (one place).
+DEFAULTS = {"aux_weight": 1.0, "reuse_old_classifier": True, "weight_align": True, "decouple_lr": 0.1,
+            "decouple_gamma": 0.1, "decouple_temperature": 5.0, "decouple_reset_classifier": True}
 
 
 def aux_targets(targets: torch.Tensor, num_old_classes: int) -> torch.Tensor:
@@ -134,26 +137,31 @@ class DERNet(nn.Module):
 class DER(Method):
     """DER without pruning: one frozen extractor per past task, + aux loss, + weight aligning / decouple."""
 
+    def option(self, key: str):
+        value = self.config.get(key)
+        return DEFAULTS[key] if value is None else value
+
     def build(self) -> None:
         c = self.config
-        for key in ("aux_weight", "decouple_temperature"):
-            if float(c.get(key, 1.0)) < 0 or (key == "decouple_temperature" and float(c.get(key, 1.0)) == 0):
-                raise ConfigError(f"{key} must be {'> 0' if key == 'decouple_temperature' else '>= 0'}, "
-                                  f"got {c.get(key)!r}")
+        if float(self.option("aux_weight")) < 0:
+            raise ConfigError(f"aux_weight must be >= 0, got {c.get('aux_weight')!r}")
+        if float(self.option("decouple_temperature")) <= 0:
+            raise ConfigError(f"decouple_temperature must be > 0, got {c.get('decouple_temperature')!r}")
         if int(c.get("decouple_epochs") or 0) > 0 and not (c.get("memory_size") or c.get("memory_per_class")):
             raise ConfigError("der's decouple stage re-trains the classifier on the memory: set memory_size or "
                               "memory_per_class, or decouple_epochs: 0")
-        name, width = c["backbone"], c.get("backbone_width")
-        self.model = DERNet(lambda: build_backbone(name, width).to(self.device))
-        self.aux_weight = float(c.get("aux_weight", 1.0))
+        name, width, shortcut = c["backbone"], c.get("backbone_width"), c.get("resnet_shortcut")
+        build_backbone(name, width, shortcut)                  # a bad option fails here, before any task
+        self.model = DERNet(lambda: build_backbone(name, width, shortcut).to(self.device))
+        self.aux_weight = float(self.option("aux_weight"))
         self.gammas: list[float] = []
 
     # ---- growth --------------------------------------------------------------------------------
     def before_task(self, task: TaskInfo) -> None:
-        self.model.add_task(task.num_new_classes, bool(self.config.get("reuse_old_classifier", True)))
+        self.model.add_task(task.num_new_classes, bool(self.option("reuse_old_classifier")))
 
     def after_task(self, task: TaskInfo) -> None:
-        if task.task_id > 0 and self.config.get("weight_align", True):
+        if task.task_id > 0 and self.option("weight_align"):
             self.gammas.append(self.model.weight_align(task.num_new_classes))
 
     # ---- decouple (classifier re-training) stage -----------------------------------------------
@@ -165,10 +173,10 @@ class DER(Method):
         wd = c.get("decouple_weight_decay")
         return PhaseConfig(
             name=DECOUPLE, epochs=epochs, batch_size=int(c.get("decouple_batch_size") or c["batch_size"]),
-            lr=float(c.get("decouple_lr", 0.1)), opt="sgd", momentum=float(c["momentum"]),
+            lr=float(self.option("decouple_lr")), opt="sgd", momentum=float(c["momentum"]),
             weight_decay=float(c["weight_decay"] if wd is None else wd), sched="multistep",
             milestones=tuple(int(m) for m in c.get("decouple_milestones") or ()),
-            gamma=float(c.get("decouple_gamma", 0.1)), data="memory")
+            gamma=float(self.option("decouple_gamma")), data="memory")
 
     def before_phase(self, phase: PhaseConfig, task: TaskInfo) -> None:
         if phase.name != DECOUPLE:
@@ -176,7 +184,7 @@ class DER(Method):
         self.model.freeze_extractors(len(self.model.extractors))   # every extractor, BN included
         if self.model.aux_fc is not None:
             self.model.aux_fc.requires_grad_(False)
-        if self.config.get("decouple_reset_classifier", True):
+        if self.option("decouple_reset_classifier"):
             self.model.fc.reset_parameters()
 
     def after_phase(self, phase: PhaseConfig, task: TaskInfo) -> None:
@@ -197,7 +205,7 @@ class DER(Method):
         x, y = batch
         out = self.net(x)
         if phase.name == DECOUPLE:
-            return F.cross_entropy(out["logits"] / float(self.config.get("decouple_temperature", 5.0)), y)
+            return F.cross_entropy(out["logits"] / float(self.option("decouple_temperature")), y)
         loss = F.cross_entropy(out["logits"], y)
         if "aux_logits" in out and self.aux_weight > 0:
             loss = loss + self.aux_weight * F.cross_entropy(out["aux_logits"], aux_targets(y, task.num_old_classes))

@@ -9,7 +9,8 @@
 - Teacher: a frozen copy of the model taken at the start of every task after the first.
 - Heads: `nme` (the paper's nearest-mean-of-exemplars classifier, reported first: it is the paper's number) and
   `cnn` (the trained linear head). Class means: for each exemplar, the L2-normalised features of the image and
-  of its horizontal flip are averaged; the class mean of those is L2-normalised again (as the original code).
+  of its horizontal flip are averaged; the class mean of those is L2-normalised again (as the original code;
+  `nme_flip: false` leaves the flip out, as PyCIL).
   Prediction: the class whose mean is nearest (Euclidean) to the L2-normalised test feature.
 """
 from __future__ import annotations
@@ -104,9 +105,11 @@ class ICaRL(IncrementalNetMethod):
         if data is None:
             raise RuntimeError("icarl: the rehearsal memory is empty after the update; the NME head needs "
                                "exemplars (memory_size too small for the number of classes?)")
-        self._unit_features = True     # normalise image and flip separately, then average (original code)
+        # Each exemplar's feature L2-normalised; with `nme_flip` (the original iCaRL) the image and its mirror are
+        # normalised separately and averaged; PyCIL uses the image alone (nme_flip: false).
+        self._unit_features = True
         try:
-            feats = self.tools.features(data, flip=True)
+            feats = self.tools.features(data, flip=bool(self.config.get("nme_flip", True)))
         finally:
             self._unit_features = False
         labels = torch.as_tensor(data.y, dtype=torch.long)

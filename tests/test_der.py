@@ -262,3 +262,28 @@ def test_der_resume_matches_uninterrupted_run(tmp_path):
     assert resumed["status"] == "finished", resumed.get("error")
     assert resumed["metrics"]["cnn"]["accuracies"] == pytest.approx(clean["metrics"]["cnn"]["accuracies"], abs=1e-6)
     assert [r["parameters"] for r in resumed["history"]] == [r["parameters"] for r in clean["history"]]
+
+
+def test_code_defaults_equal_the_recipe_defaults_and_pycil_milestones():
+    """One value per option: what DER falls back to when a key is absent is what recipes/der/default.yaml says,
+    and that file is PyCIL's DER (milestones [80, 120, 150], not iCaRL's [80, 120])."""
+    from harness.config import RECIPES_DIR, load_yaml
+    from methods.der import DEFAULTS
+
+    recipe = load_yaml(RECIPES_DIR / "der" / "default.yaml")
+    assert {k: recipe[k] for k in DEFAULTS} == DEFAULTS
+    assert recipe["milestones"] == [80, 120, 150] and recipe["base_milestones"] == [60, 120, 170]
+    assert load_yaml(RECIPES_DIR / "der" / "cifar100_pycil.yaml")["milestones"] == [80, 120, 150]
+    config = _config()
+    del config["decouple_temperature"]                         # absent: the recipe default, 5.0, everywhere
+    method = DER(config, torch.device("cpu"))
+    method.build()
+    method.net = method.model
+    method.before_task(_task(0))
+    x, y = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 0, 1])
+    method.model.eval()
+    phase = PhaseConfig(name="decouple")
+    expected = torch.nn.functional.cross_entropy(method.model(x)["logits"] / 5.0, y)
+    assert method.training_step((x, y), _task(0), phase).item() == pytest.approx(expected.item(), rel=1e-6)
+    with pytest.raises(Exception, match="decouple_temperature must be > 0"):
+        DER(_config(decouple_temperature=0.0), torch.device("cpu")).build()

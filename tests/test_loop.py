@@ -1,7 +1,13 @@
-"""The global-batch sampler (world-size invariance) and the training loop on real data."""
+"""The global-batch sampler (world-size invariance), optimizer construction and the loop's per-epoch schedule.
+(The epoch -> lr maps of every recipe: tests/test_schedules.py.)"""
+import numpy as np
+import pytest
 import torch
 
-from harness.loop import GlobalBatchSampler
+from harness.data import ArrayData, TaskDataset
+from harness.loop import GlobalBatchSampler, build_optimizer, train_phase, weight_decay_groups
+from harness.method import Method, PhaseConfig, TaskInfo
+from harness.runtime import RuntimeContext
 
 
 def _global_batches(n, batch, world, epoch=0, repeats=1):
@@ -38,3 +44,99 @@ def test_small_dataset_still_gives_one_batch_per_rank():
     per_rank = [list(GlobalBatchSampler(5, 128, r, 2)) for r in range(2)]
     assert [len(p) for p in per_rank] == [1, 1]
     assert sorted(per_rank[0][0] + per_rank[1][0]) == [0, 1, 2, 3, 4]
+
+
+# ---- optimizer construction -----------------------------------------------------------------------------------
+
+
+def _sgd_steps(opt_name: str, grads: list[float]) -> list[float]:
+    w = torch.nn.Parameter(torch.tensor([1.0]))
+    opt = build_optimizer([w], PhaseConfig(opt=opt_name, lr=0.1, momentum=0.9, weight_decay=0.0))
+    out = []
+    for g in grads:
+        w.grad = torch.tensor([g])
+        opt.step()
+        out.append(round(float(w.detach()), 6))
+    return out
+
+
+def test_sgd_is_classical_momentum_and_nesterov_is_asked_for() -> None:
+    # classical: v1 = 1, w = 1 - 0.1 = 0.9; v2 = 0.9 * 1 + 1 = 1.9, w = 0.9 - 0.19 = 0.71
+    assert _sgd_steps("sgd", [1.0, 1.0]) == [0.9, 0.71]
+    # Nesterov (timm's `sgd`): step with g + 0.9 v: 1.9 then 1 + 0.9 * 1.9 = 2.71 -> 0.81, 0.539
+    assert _sgd_steps("nesterov", [1.0, 1.0]) == [0.81, 0.539]
+    assert build_optimizer([torch.nn.Parameter(torch.zeros(1))], PhaseConfig(opt="sgd")).defaults["nesterov"] is False
+
+
+def test_weight_decay_skips_1d_parameters_only_when_asked() -> None:
+    from methods.dytox.model import DyTox, DyToxConfig
+
+    model = DyTox(DyToxConfig(embed_dim=16, depth=2, num_heads=2, local_up_to_layer=1))
+    model.add_task(3)
+    params = list(model.parameters())
+    everything = weight_decay_groups(params, 1e-6, decay_1d=True)
+    assert len(everything) == 1 and everything[0]["weight_decay"] == 1e-6
+    decay, no_decay = weight_decay_groups(params, 1e-6, decay_1d=False)
+    assert all(p.ndim > 1 for p in decay["params"]) and all(p.ndim <= 1 for p in no_decay["params"])
+    assert no_decay["weight_decay"] == 0.0 and len(decay["params"]) + len(no_decay["params"]) == len(params)
+    named = {id(p): n for n, p in model.named_parameters()}
+    skipped = {named[id(p)] for p in no_decay["params"]}
+    assert any(n.endswith(".bias") for n in skipped) and any("gating" in n for n in skipped)
+    assert any("norm" in n and n.endswith("weight") for n in skipped)
+    kept = {named[id(p)] for p in decay["params"]}
+    assert any("pos_embed" in n for n in kept) and any("task_tokens" in n for n in kept)   # not 1-D: decayed
+    # AdamW with a zero gradient moves a parameter by its decoupled decay only: w (1 - lr wd) or not at all
+    w2, b = torch.nn.Parameter(torch.ones(2, 2)), torch.nn.Parameter(torch.ones(2))
+    opt = build_optimizer([w2, b], PhaseConfig(opt="adamw", lr=0.5, weight_decay=0.1), decay_1d=False)
+    w2.grad, b.grad = torch.zeros(2, 2), torch.zeros(2)
+    opt.step()
+    assert torch.allclose(w2, torch.full((2, 2), 0.95)) and torch.equal(b, torch.ones(2))
+
+
+# ---- the loop applies the schedule, per epoch ------------------------------------------------------------------
+class _RecordingMethod(Method):
+    """A linear model that records the lr of every step and the labels of every batch."""
+
+    def __init__(self, config: dict | None = None) -> None:
+        super().__init__(config or {}, torch.device("cpu"))
+        self.model = torch.nn.Linear(4, 3)
+        self.lrs, self.labels = [], []
+
+    def wrap_optimizer(self, optimizer, phase, task):
+        self.optimizer = optimizer
+        return optimizer
+
+    def training_step(self, batch, task, phase):
+        x, y = batch
+        self.lrs.append(self.optimizer.param_groups[0]["lr"])
+        self.labels.append(y.tolist())
+        return torch.nn.functional.cross_entropy(self.net(x.float().flatten(1)[:, :4]), y)
+
+
+def _data(n: int = 12) -> ArrayData:
+    x = np.random.default_rng(0).integers(0, 256, (n, 2, 2, 1), dtype=np.uint8)
+    return ArrayData(x, np.arange(n) // (n // 3), ["a", "b", "c"])
+
+
+def _identity(image):
+    return image
+
+
+def test_train_phase_applies_the_lr_of_each_epoch() -> None:
+    method = _RecordingMethod()
+    phase = PhaseConfig(epochs=5, batch_size=12, lr=0.1, sched="multistep", milestones=(4,))
+    train_phase(method, TaskDataset(_data(), _identity), phase, TaskInfo(0, 1, (0, 1, 2), 0, 3),
+                RuntimeContext(progress=False), seed=0)
+    assert method.lrs == pytest.approx([0.1, 0.1, 0.1, 0.1, 0.01])
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_finetuning_shuffle_false_iterates_the_memory_in_class_order(shuffle: bool) -> None:
+    method = _RecordingMethod({"finetuning_shuffle": shuffle})
+    phase = PhaseConfig(name="finetune", epochs=2, batch_size=4, lr=0.1, sched="constant", data="memory")
+    train_phase(method, TaskDataset(_data(), _identity), phase, TaskInfo(1, 2, (2,), 2, 3),
+                RuntimeContext(progress=False), seed=0)
+    flat = [label for batch in method.labels for label in batch]
+    in_order = flat == [0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2] * 2
+    assert in_order is not shuffle
+

@@ -7,22 +7,20 @@ images are already decoded in memory; large images are decoded and resized-cropp
 not have a common size before that), the loop moves the uint8 batch to the device (4x fewer bytes than float32)
 and `BatchedTrainTransform` does the rest there:
 
-    [resize]  ->  pad + random crop  ->  horizontal flip  ->  [RandAugment]  ->  to float, normalise
+    [resize]  ->  pad + random crop  ->  horizontal flip  ->  [brightness jitter]  ->  to float, normalise
     (small images; large images: per-image random resized crop in the Dataset, then flip onwards)
 
 Every random choice is drawn PER SAMPLE, with the same distributions as the per-image torchvision transforms
 in `build_transform`, and each sample gets the same pixels the per-image transform would give it for the same
 choices (tests/test_perf.py checks both).
 
-RandAugment: torchvision's v2.RandAugment draws ONE op and sign per call, so applied to a batch it would give
-every image the same op. Here each sample draws its own op and sign (uniform over torchvision's 14 ops, sign
-+-1 with probability 1/2, for each of the `num_ops` rounds) and samples that drew the same (op, sign) are
-transformed together with the same torchvision functional kernel the per-image path uses: at most 14 + 9
-kernel calls per round whatever the batch size, and per-sample fidelity.
+RandAugment is timm's `rand-m9-mstd0.5-inc1` (what DyTox trained with), which works on PIL images one at a time;
+no batched kernel reproduces its PIL operations, so with RandAugment the whole random part (crop, flip, jitter,
+RandAugment) stays per image in the Dataset -- exactly the per-image path -- and only the conversion to float and
+the normalisation run batched on the device.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -81,119 +79,11 @@ def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.T
     return out.sub_(mean.view(-1, 1, 1)).div_(std.view(-1, 1, 1))
 
 
-# ---- RandAugment, per sample ----------------------------------------------------------------------------------
-
-def _linspace(lo: float, hi: float) -> Callable[[int, int, int], torch.Tensor]:
-    return lambda bins, h, w: torch.linspace(lo, hi, bins)
-
-
-# name -> (magnitudes(num_bins, height, width) or None, signed): torchvision's RandAugment search space.
-RANDAUGMENT_OPS: dict[str, tuple[Callable[[int, int, int], torch.Tensor] | None, bool]] = {
-    "Identity": (None, False),
-    "ShearX": (_linspace(0.0, 0.3), True),
-    "ShearY": (_linspace(0.0, 0.3), True),
-    "TranslateX": (lambda bins, h, w: torch.linspace(0.0, 150.0 / 331.0 * w, bins), True),
-    "TranslateY": (lambda bins, h, w: torch.linspace(0.0, 150.0 / 331.0 * h, bins), True),
-    "Rotate": (_linspace(0.0, 30.0), True),
-    "Brightness": (_linspace(0.0, 0.9), True),
-    "Color": (_linspace(0.0, 0.9), True),
-    "Contrast": (_linspace(0.0, 0.9), True),
-    "Sharpness": (_linspace(0.0, 0.9), True),
-    "Posterize": (lambda bins, h, w: (8 - (torch.arange(bins) / ((bins - 1) / 4))).round().int(), False),
-    "Solarize": (_linspace(1.0, 0.0), False),
-    "AutoContrast": (None, False),
-    "Equalize": (None, False),
-}
-OP_NAMES = tuple(RANDAUGMENT_OPS)
-
-
-def apply_op(x: torch.Tensor, name: str, magnitude: float,
-             interpolation: InterpolationMode = InterpolationMode.NEAREST) -> torch.Tensor:
-    """One RandAugment op on uint8 images (..., C, H, W), with the kernels and arguments torchvision's
-    RandAugment uses (fill 0). Every kernel works per image, so a batch gives each image its own result."""
-    if name == "Identity":
-        return x
-    if name in ("ShearX", "ShearY"):
-        shear = math.degrees(math.atan(magnitude))
-        return F.affine(x, angle=0.0, translate=[0, 0], scale=1.0, interpolation=interpolation, fill=None,
-                        shear=[shear, 0.0] if name == "ShearX" else [0.0, shear], center=[0, 0])
-    if name in ("TranslateX", "TranslateY"):
-        shift = [int(magnitude), 0] if name == "TranslateX" else [0, int(magnitude)]
-        return F.affine(x, angle=0.0, translate=shift, scale=1.0, interpolation=interpolation,
-                        shear=[0.0, 0.0], fill=None)
-    if name == "Rotate":
-        return F.rotate(x, angle=magnitude, interpolation=interpolation, fill=None)
-    if name == "Brightness":
-        return F.adjust_brightness(x, brightness_factor=1.0 + magnitude)
-    if name == "Color":
-        return F.adjust_saturation(x, saturation_factor=1.0 + magnitude)
-    if name == "Contrast":
-        return F.adjust_contrast(x, contrast_factor=1.0 + magnitude)
-    if name == "Sharpness":
-        return F.adjust_sharpness(x, sharpness_factor=1.0 + magnitude)
-    if name == "Posterize":
-        return F.posterize(x, bits=int(magnitude))
-    if name == "Solarize":
-        return F.solarize(x, threshold=255.0 * magnitude)
-    if name == "AutoContrast":
-        return F.autocontrast(x)
-    if name == "Equalize":
-        return F.equalize(x)
-    raise ValueError(f"unknown RandAugment op {name!r}")
-
-
-class BatchedRandAugment:
-    """RandAugment(num_ops, magnitude, num_magnitude_bins) with an independent op and sign per sample.
-
-    `__call__(x)` draws the choices; `apply(x, ops, signs)` applies given choices ((num_ops, N) op indices into
-    OP_NAMES and (num_ops, N) bools, True = negative magnitude), so tests can compare with per-image results.
-    """
-
-    def __init__(self, num_ops: int = 2, magnitude: int = 9, num_magnitude_bins: int = 31,
-                 interpolation: InterpolationMode = InterpolationMode.NEAREST) -> None:
-        self.num_ops, self.magnitude, self.bins = int(num_ops), int(magnitude), int(num_magnitude_bins)
-        self.interpolation = interpolation
-        self._magnitudes: dict[tuple[str, int, int], float] = {}
-
-    def sample(self, n: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        ops = torch.randint(len(OP_NAMES), (self.num_ops, n), generator=generator)
-        signs = torch.rand((self.num_ops, n), generator=generator) <= 0.5     # as v2: rand() <= 0.5 -> negative
-        return ops, signs
-
-    def magnitude_of(self, name: str, height: int, width: int, negative: bool) -> float:
-        key = (name, height, width)
-        if key not in self._magnitudes:           # cached: one linspace per op and image size
-            fn = RANDAUGMENT_OPS[name][0]
-            self._magnitudes[key] = 0.0 if fn is None else float(fn(self.bins, height, width)[self.magnitude])
-        value = self._magnitudes[key]
-        return -value if RANDAUGMENT_OPS[name][1] and negative else value
-
-    def apply(self, x: torch.Tensor, ops: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
-        if x.dtype != torch.uint8:
-            raise TypeError(f"RandAugment expects uint8 images, got {x.dtype}")
-        height, width = x.shape[-2:]
-        x = x.contiguous()                      # our own copy: groups are written back in place
-        if x.shape[0] == 0:
-            return x
-        for round_ops, round_signs in zip(ops.tolist(), signs.tolist()):
-            groups: dict[tuple[int, bool], list[int]] = {}
-            for i, (op, negative) in enumerate(zip(round_ops, round_signs)):
-                name = OP_NAMES[op]
-                if name == "Identity":
-                    continue
-                signed = RANDAUGMENT_OPS[name][1] and RANDAUGMENT_OPS[name][0] is not None
-                groups.setdefault((op, bool(negative) and signed), []).append(i)
-            for (op, negative), members in groups.items():
-                name = OP_NAMES[op]
-                idx = torch.tensor(members, device=x.device)
-                out = apply_op(x.index_select(0, idx), name, self.magnitude_of(name, height, width, negative),
-                               self.interpolation)
-                x.index_copy_(0, idx, out)
-        return x
-
-    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        ops, signs = self.sample(x.shape[0], generator)
-        return self.apply(x, ops, signs)
+def adjust_brightness(x: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """uint8 images times a per-sample factor, clamped and truncated back to uint8: torchvision's
+    adjust_brightness (a blend with black) for each image, in one operation."""
+    out = x.mul(factors.to(x.device, torch.float32).view(-1, 1, 1, 1))
+    return out.clamp_(0, 255).to(torch.uint8)
 
 
 # ---- the training transform ---------------------------------------------------------------------------------
@@ -212,7 +102,7 @@ class BatchedTrainTransform:
     crop: int | None = None              # pad + random crop to this side
     padding: int = 0
     flip: bool = False
-    rand_augment: BatchedRandAugment | None = None
+    brightness: float = 0.0              # ColorJitter(brightness=b): factor uniform in [max(0, 1 - b), 1 + b]
     per_image: Callable | None = None
 
     def __post_init__(self) -> None:
@@ -238,8 +128,10 @@ class BatchedTrainTransform:
             x = crop_flip(x, top, left, self.crop, self.padding, flips)
         elif flips is not None:
             x = hflip(x, flips)
-        if self.rand_augment is not None:
-            x = self.rand_augment(x, generator)
+        if self.brightness > 0:
+            low = max(0.0, 1.0 - self.brightness)
+            factors = torch.empty(n).uniform_(low, 1.0 + self.brightness, generator=generator)
+            x = adjust_brightness(x, factors)
         return normalize(x, *self._mean_std(x.device))
 
     def describe(self) -> str:
@@ -248,32 +140,40 @@ class BatchedTrainTransform:
             steps.append(f"pad {self.padding} + random crop {self.crop}")
         if self.flip:
             steps.append("flip")
-        if self.rand_augment is not None:
-            steps.append(f"RandAugment n{self.rand_augment.num_ops} m{self.rand_augment.magnitude} (per sample)")
+        if self.brightness:
+            steps.append(f"brightness {self.brightness:g}")
+        if self.per_image is not None:
+            steps.insert(0, "per image: " + ", ".join(type(t).__name__ for t in self.per_image.transforms[1:]))
         return " -> ".join(steps + ["normalise"])
 
 
 def build_batched_transform(info: DatasetInfo, options: dict | None = None) -> BatchedTrainTransform:
     """The batched equivalent of `build_transform(info, train=True, options)`: same steps, same parameters."""
-    from harness.data.transforms import AUGMENTS
+    from harness.data.transforms import augment_name, augment_steps, normalization
 
     options = options or {}
-    augment = options.get("augment") or "standard"
-    if augment not in AUGMENTS:
-        raise ConfigError(f"unknown augment {augment!r}: choose one of {', '.join(AUGMENTS)}")
-    rand_augment = bool(options.get("rand_augment")) or augment == "randaugment"
+    augment = augment_name(options)
     native = info.image_size or 224
     size = int(options.get("image_size") or native)
-    tf = BatchedTrainTransform(mean=tuple(info.mean), std=tuple(info.std),
-                               rand_augment=BatchedRandAugment(num_ops=2, magnitude=9) if rand_augment else None)
-    if native <= SMALL_IMAGE:
+    mean, std = normalization(info, options)
+    tf = BatchedTrainTransform(mean=tuple(mean), std=tuple(std))
+    bicubic = InterpolationMode.BICUBIC
+    small = native <= SMALL_IMAGE
+    randaugment = augment != "none" and (bool(options.get("rand_augment")) or augment == "randaugment")
+    if randaugment:
+        # timm's PIL RandAugment has no batched twin: the random part stays per image (the module docstring).
+        resize = [v2.Resize((size, size), interpolation=bicubic, antialias=True)] if small and size != native else []
+        tf.per_image = v2.Compose([v2.ToImage(), *resize, *augment_steps(info, size, options)])
+        return tf
+    if augment != "none":
+        tf.brightness = float(options.get("brightness_jitter") or 0.0)
+    if small:
         tf.resize = size if size != native else None
         if augment != "none":
             tf.crop, tf.padding, tf.flip = size, max(1, size // 8), True
         return tf
     # Large images: decoded from files of any size, so the random resized crop (which makes them one size)
     # stays per image, in the Dataset; flip onwards is batched.
-    bicubic = InterpolationMode.BICUBIC
     if augment != "none":
         tf.per_image = v2.Compose([v2.ToImage(), v2.RandomResizedCrop(size, interpolation=bicubic, antialias=True)])
         tf.flip = True
