@@ -266,3 +266,61 @@ def test_zero_budget_and_errors() -> None:
     good.update(x, y, f, num_seen_classes=2)
     with pytest.raises(CheckpointError, match="same memory options"):
         RehearsalMemory(per_class=10).load_state_dict(good.state_dict())
+
+
+# ---- distributed placement: the erratum's per-GPU memories, emulated with virtual shards ------------------------
+def _two_classes(n: int = 40, dims: int = 5) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
+    gen = torch.Generator().manual_seed(3)
+    x = np.arange(2 * n).reshape(-1, 1).repeat(3, axis=1).astype(np.int64)   # row i holds i: picks are visible
+    y = np.repeat([0, 1], n)
+    return x, y, torch.randn(2 * n, dims, generator=gen, dtype=torch.float64)
+
+
+def test_distributed_memory_herds_each_shard_from_its_own_share() -> None:
+    from harness.memory import shard_split
+
+    x, y, f = _two_classes()
+    memory = RehearsalMemory(memory_size=40, placement="distributed", shards=2, seed=5)
+    memory.update(x, y, f, num_seen_classes=2)
+    assert memory.quota(2) == 10                      # (40 // 2 shards) // 2 classes, per shard
+    assert len(memory) == 40
+    for label in (0, 1):
+        shares = shard_split(np.flatnonzero(y == label), 2, 5, label)
+        assert sorted(np.concatenate(shares).tolist()) == np.flatnonzero(y == label).tolist()   # a partition
+        assert abs(len(shares[0]) - len(shares[1])) <= 1
+        for share, picks in zip(shares, memory.shard_indices(label)):
+            assert picks == share[herding_select(f[share], 10)].tolist()      # herded on its share alone
+        assert len(set(memory.selected_indices(label))) == 20                 # disjoint shares: no duplicates
+    # the stored samples are those picks, class by class, shard by shard
+    stored, labels = memory.get()
+    assert stored[:, 0].tolist() == memory.selected_indices(0) + memory.selected_indices(1)
+    assert labels.tolist() == [0] * 20 + [1] * 20
+    # a new class: every shard trims its own list to the new quota (20 // 4 = 5), first picks kept
+    before = [memory.shard_indices(0), memory.shard_indices(1)]
+    x2, y2 = np.arange(80, 120).reshape(-1, 1).repeat(3, axis=1), np.full(40, 2)
+    memory.update(x2, y2, torch.randn(40, 5, dtype=torch.float64), num_seen_classes=4)
+    for label, shards in zip((0, 1), before):
+        assert memory.shard_indices(label) == [s[:5] for s in shards]
+    assert len(memory) == 30
+
+
+def test_distributed_equals_global_with_one_shard_and_round_trips(tmp_path) -> None:
+    x, y, f = _two_classes()
+    one = RehearsalMemory(memory_size=40, placement="distributed", shards=1)
+    glob = RehearsalMemory(memory_size=40)
+    for m in (one, glob):
+        m.update(x, y, f, num_seen_classes=2)
+    assert one.get()[0].tolist() == glob.get()[0].tolist()
+    for selection in ("herding", "random"):
+        memory = RehearsalMemory(memory_size=24, placement="distributed", shards=3, selection=selection)
+        memory.update(x, y, f if selection == "herding" else None, num_seen_classes=2)
+        torch.save(memory.state_dict(), tmp_path / "m.pt")
+        back = RehearsalMemory.from_state_dict(torch.load(tmp_path / "m.pt", weights_only=True))
+        assert [back.shard_indices(c) for c in (0, 1)] == [memory.shard_indices(c) for c in (0, 1)]
+        assert np.array_equal(back.get()[0], memory.get()[0]) and len(back) == 24
+    with pytest.raises(CheckpointError, match="distributed"):
+        RehearsalMemory(memory_size=24).load_state_dict(memory.state_dict())
+    with pytest.raises(ConfigError, match="memory_mode"):
+        RehearsalMemory(memory_size=24, placement="per-gpu")
+    with pytest.raises(ConfigError, match="memory_shards"):
+        RehearsalMemory(memory_size=24, placement="distributed", shards=0)
