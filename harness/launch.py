@@ -9,6 +9,7 @@ Both launchers share what happens around a trial, defined once here:
 """
 from __future__ import annotations
 
+import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,6 +133,9 @@ def finish_result(spec: dict, result: dict, launcher: str, clock=None, startup: 
     """
     result["config"] = spec["config"]
     result["launcher"] = launcher
+    result["finished_unix"] = time.time()
+    if clock is not None and clock.started_unix is not None:
+        result["started_unix"] = clock.started_unix        # run_trial's call: gaps between trials are launcher cost
     if clock is not None and clock.first_step_unix is not None:
         result["first_step_unix"] = clock.first_step_unix
         if clock.started_unix is not None:

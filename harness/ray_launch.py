@@ -326,7 +326,7 @@ def _run_grid(todo: list[dict], num_trials: int, experiment: str, output_dir: Pa
                f"{plan.describe()}")
     specs = {s["name"]: s for s in todo}
     setup = {"output_dir": str(output_dir), "plan": asdict(plan), "max_failures": int(options.max_failures),
-             "verbose": bool(options.verbose), "env": ray_env(embedded), "launched_unix": time.time()}
+             "verbose": bool(options.verbose), "env": ray_env(embedded)}
     trainable = tune.with_resources(tune.with_parameters(trial_trainable, specs=specs, setup=setup),
                                     trainable_resources(plan))
     key = f"{experiment}:{id(events)}"
@@ -342,9 +342,10 @@ def _run_grid(todo: list[dict], num_trials: int, experiment: str, output_dir: Pa
         run_config=tune.RunConfig(
             name=experiment, storage_path=str(output_dir / "ray" / "_tune"),
             verbose=2 if options.verbose else 0, callbacks=[_make_callback(key)], stop=_make_stopper(key),
-            # One worker: Tune restarts a failed trial, which resumes from its last task checkpoint. Several:
-            # Ray Train restarts its workers itself (FailureConfig in the trainable).
-            failure_config=tune.FailureConfig(max_failures=int(options.max_failures) if one_worker else 0)))
+            # Tune restarts a trial whose trainable failed (one worker: the trial itself; several: the process
+            # waiting on Ray Train, e.g. on a node that was lost); it resumes from its last task checkpoint. Ray
+            # Train restarts lost workers of a multi-worker trial itself (FailureConfig in the trainable).
+            failure_config=tune.FailureConfig(max_failures=int(options.max_failures))))
     try:
         grid = tuner.fit()
     finally:

@@ -100,19 +100,17 @@ def trial_trainable(config: dict, specs: dict[str, dict], setup: dict) -> None:
 # ---------------------------------------------------------------------------------------------------------
 # One worker: the trial runs in the trainable actor
 # ---------------------------------------------------------------------------------------------------------
-_PROCESS_STARTED = time.time()   # when this actor process imported us: tells a fresh actor from a reused one
-_TRIALS_RUN_HERE = 0
+_TRIALS_RUN_HERE = 0       # trials this actor process ran before: tells a fresh actor from a reused one
 
 
 def _run_in_trainable(spec: dict, setup: dict, plan: ResourcePlan) -> None:
     """Run the trial in this (reused) Tune actor. A user error is reported to the driver, any other error is
     raised: Tune restarts the trial (up to --max-failures) and it resumes from its last task checkpoint."""
     global _TRIALS_RUN_HERE
-    entered = time.time()
     import torch
 
     from harness.runtime import FirstStepClock, RuntimeContext, amp_dtype, enable_determinism, select_device
-    from harness.trial import latest_checkpoint, run_trial
+    from harness.trial import run_trial
 
     name, output_dir, cfg = spec["name"], Path(setup["output_dir"]), spec["config"]
     torch.set_num_threads(int(plan.threads_per_worker))
@@ -120,7 +118,6 @@ def _run_in_trainable(spec: dict, setup: dict, plan: ResourcePlan) -> None:
     if cfg.get("deterministic", True):
         enable_determinism(int(spec["seed"]), device)
     ckpt_dir = checkpoint_dir(output_dir, name)
-    resumed = latest_checkpoint(str(ckpt_dir))
     ctx = RuntimeContext(
         device=device, amp=amp_dtype(device, cfg.get("amp", "auto")), checkpoint_dir=str(ckpt_dir),
         report=_task_reporter(name), progress=bool(setup.get("verbose")), log=lambda message: None,
@@ -134,10 +131,9 @@ def _run_in_trainable(spec: dict, setup: dict, plan: ResourcePlan) -> None:
     except HarnessError as exc:
         _report_user_error(exc)
         return
-    startup = None if resumed else {"trainable_start_s": entered - setup.get("launched_unix", entered)}
-    finish_result(spec, result, "ray", clock, startup)
-    result.update(resources=setup["plan"], restored_from=resumed.name if resumed else None, distributed=False,
-                  backend=None, actor_reused=reused, threads=torch.get_num_threads())
+    finish_result(spec, result, "ray", clock)
+    result.update(resources=setup["plan"], distributed=False, backend=None, actor_reused=reused,
+                  threads=torch.get_num_threads())
     write_json(result_path(output_dir, name), result)
 
 
@@ -200,6 +196,7 @@ def train_worker(loop_config: dict) -> None:
     entered = time.time()      # start-up measurement: the imports below are paid in every new worker process
     import torch
     import torch.distributed as dist
+    import ray
     import ray.train
     import ray.train.torch
 
@@ -254,11 +251,14 @@ def train_worker(loop_config: dict) -> None:
             marker.parent.mkdir(parents=True, exist_ok=True)
             marker.write_text(f"{type(exc).__name__}: {exc}\n")
         raise
+    nodes = [None] * world          # where the workers ran (a multi-node cluster spreads them)
+    if ctx.distributed:
+        dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
     if rank == 0:
         finish_result(spec, result, "ray", clock, startup)
-        result.update(resources=loop_config.get("plan"), restored_from=restored, distributed=ctx.distributed,
+        result.update(resources=loop_config.get("plan"), ray_checkpoint=restored, distributed=ctx.distributed,
                       backend=dist.get_backend() if dist.is_initialized() else None,
-                      threads=torch.get_num_threads())
+                      threads=torch.get_num_threads(), worker_nodes=nodes)
         write_json(result_path(output_dir, name), result)
 
 

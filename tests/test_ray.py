@@ -162,7 +162,8 @@ def test_one_worker_trial_reports_each_task_and_checkpoints(one_worker):
     assert result["metrics"]["cnn"]["accuracies"][0] > 80           # it learned something real
     # start-up to the first training step, by stage (benchmarks/perf/harness_overhead.py reads it)
     startup = result["startup_s"]
-    assert list(startup) == ["trainable_start_s", "trial_setup_s"] and all(v >= 0 for v in startup.values())
+    assert list(startup) == ["trial_setup_s"] and startup["trial_setup_s"] >= 0
+    assert result["started_unix"] <= result["first_step_unix"] <= result["finished_unix"]
     # every task's checkpoint, names without timestamps, loadable with weights_only
     ckpts = sorted(p.name for p in (out / "trials" / result["name"] / "checkpoints").glob("task_*.pt"))
     assert ckpts == [f"task_{t:03d}.pt" for t in range(5)]
@@ -231,8 +232,7 @@ def test_worker_killed_at_task_2_resumes_to_the_same_metrics(one_worker, tmp_pat
     assert faulty["status"] == "finished", faulty.get("error")
     ckpts = tmp_path / "trials" / faulty["name"] / "checkpoints"
     assert (ckpts / "fault_injected_2").is_file()                       # the fault did fire
-    assert faulty["restored_from"] == "task_002.pt"                      # Tune restarted it from its checkpoint
-    assert "trainable_start_s" not in faulty["startup_s"]                # would include the failed attempt
+    assert faulty["resumed_from"] == "task_002.pt"                      # Tune restarted it from its checkpoint
     assert faulty["metrics"]["cnn"]["accuracies"] == pytest.approx(clean["metrics"]["cnn"]["accuracies"], abs=1e-9)
     assert faulty["metrics"] == clean["metrics"]                         # bitwise, on CPU with 1 worker
     # each task is printed once, though task 3 ran twice at most

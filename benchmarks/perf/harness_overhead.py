@@ -12,9 +12,12 @@ Launchers timed (alternated, so load drifts hit them alike):
   ray_serial  Ray with one trial at a time, which the plan gives all the CPUs (the plain loop's threads): isolates
               Ray's own cost, and its metrics must equal the local ones bit for bit
   ray_warm    (--warm) `ray`, with Ray already started (a persistent cluster)
+  cli         `run_benchmark.py` in a fresh process (embedded Ray), as a user runs it: start-up counts from the
+              command's start (imports, pre-flight, Ray's start)
 Reported per launcher (median over repeats): wall time of the whole suite, start-up time to the first training
 step (from the launcher call; for Ray that includes starting Ray, as the CLI does), the time spent outside
-run_trial (serial launchers only: Ray start, process start-up, reporting, teardown), the ratio to local (goal
+run_trial (serial launchers only: Ray start, process start-up, reporting, teardown), the gap between one
+trial's end and the next one's start (serial launchers: the per-trial cost once running), the ratio to local (goal
 <= 1.10) as a ratio of medians and as the median of back-to-back pairs, and whether the metrics equal the local
 ones. Writes JSON (default benchmarks/results/harness_overhead.json).
 """
@@ -64,12 +67,40 @@ def timed_run(kind: str, specs: list[dict], out: Path) -> dict:
     bad = [r for r in results if r.get("status") != "finished"]
     if bad:
         raise SystemExit(f"{kind}: trial {bad[0]['name']} failed: {bad[0].get('error')}")
+    return _measures(results, wall, started_unix)
+
+
+def _measures(results: list[dict], wall: float, started_unix: float) -> dict:
     first = min(r["first_step_unix"] for r in results if r.get("first_step_unix"))
     plan = results[0].get("resources") or {}
+    # Trials one after another: what the launcher spends between one trial's end and the next one's start
+    # (Ray: Tune's scheduling, resetting the reused actor, reporting; local: writing result.json).
+    spans = sorted((r["started_unix"], r["finished_unix"]) for r in results if r.get("started_unix"))
+    gaps = [b[0] - a[1] for a, b in zip(spans, spans[1:])]
     return {"wall_s": wall, "startup_s": first - started_unix, "trial_s": [r["wall_time_s"] for r in results],
+            "gaps_between_trials_s": gaps,
             "metrics": [r["metrics"] for r in results], "concurrency": plan.get("concurrency", 1),
             "trial_startup_s": [r.get("startup_s") or {} for r in results],
             "threads": plan.get("threads_per_worker", _local_threads())}
+
+
+def cli_run(args: argparse.Namespace, specs: list[dict], out: Path) -> dict:
+    """`run_benchmark.py` in a fresh process, as a user runs it (embedded Ray): start-up is measured from the
+    command's start, Python's imports and Ray's start included."""
+    cfg = specs[0]["config"]
+    cmd = [sys.executable, str(ROOT / "run_benchmark.py"), "--method", args.method, "--suite", args.suite,
+           "--output-dir", str(out), "--no-tracking", "--quiet", "--set", f"backbone={args.backbone}",
+           "--orders", *[s["order_name"] for s in specs[::len(cfg["seeds"])]],
+           "--seeds", *[str(s) for s in cfg["seeds"]]]
+    if args.epochs is not None:
+        cmd += ["--epochs", str(args.epochs)]
+    started_unix, started = time.time(), time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=3600)
+    wall = time.perf_counter() - started
+    if proc.returncode != 0:
+        raise SystemExit(f"cli: exit {proc.returncode}: {proc.stderr[-2000:]}")
+    results = [json.loads(p.read_text()) for p in sorted(out.glob("trials/*/result.json"))]
+    return _measures(results, wall, started_unix)
 
 
 def _local_threads() -> int:
@@ -99,14 +130,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", nargs="+", type=int, default=None)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warm", action="store_true", help="also time Ray with an already running session")
-    p.add_argument("--launchers", nargs="+", default=["local", "ray", "ray_serial"],
-                   choices=["local", "ray", "ray_serial"], help="which launchers to time (local is always timed)")
+    p.add_argument("--launchers", nargs="+", default=["local", "ray", "ray_serial", "cli"],
+                   choices=["local", "ray", "ray_serial", "cli"], help="which launchers to time (local is always timed)")
     p.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "harness_overhead.json"))
     args = p.parse_args(argv)
     if args.quick:
         args.suite, args.repeats, args.epochs = "digits-5x2", 1, args.epochs or 1
         if args.launchers == p.get_default("launchers"):
-            args.launchers = ["local", "ray"]      # one trial: the default plan is already one at a time
+            args.launchers = ["local", "ray", "cli"]   # one trial: the default plan is already one at a time
         if args.output == p.get_default("output"):
             args.output = str(ROOT / "benchmarks" / "results" / "harness_overhead_quick.json")
 
@@ -128,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
                     init_ray()
                     run = timed_run("ray", specs, out)
                     ray.shutdown()
+                elif kind == "cli":
+                    run = cli_run(args, specs, out)
                 else:
                     run = timed_run(kind, specs, out)
                 runs[kind].append(run)
@@ -150,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
         summary[kind] = {"wall_s_median": wall, "startup_s_median": median([r["startup_s"] for r in runs[kind]]),
                          "ratio_to_local": wall / local_wall, "paired_ratio_median": median(pairs),
                          "outside_trials_s_median": median(outside) if serial else None,
+                         # Between two trials of a serial run: the launcher's per-trial cost once it is running.
+                         "gap_between_trials_s_median": median([g for r in runs[kind]
+                                                                for g in r["gaps_between_trials_s"]]) if serial else None,
                          "concurrency": runs[kind][0]["concurrency"], "threads": runs[kind][0]["threads"],
                          # Per trial, from the launcher starting it to its first training step, by stage.
                          "trial_startup_s_median": _stage_medians(runs[kind]),
@@ -179,12 +215,14 @@ def main(argv: list[str] | None = None) -> int:
           f"median of {args.repeats}; load average {load_start[0]:.1f} -> {report['load_average_end'][0]:.1f} "
           f"on {os.cpu_count()} CPUs")
     print("| launcher | trials at once x threads | wall (s) | first training step (s) | time outside run_trial (s) "
-          "| ratio to local (of medians / paired) | metrics = local |")
-    print("|---|---|---|---|---|---|---|")
+          "| between trials (s) | ratio to local (of medians / paired) | metrics = local |")
+    print("|---|---|---|---|---|---|---|---|")
     for kind, s in summary.items():
         outside = "-" if s["outside_trials_s_median"] is None else f"{s['outside_trials_s_median']:.1f}"
+        gap = s["gap_between_trials_s_median"]
+        gap = "-" if gap is None or gap != gap else f"{gap:.2f}"
         print(f"| {kind} | {s['concurrency']} x {s['threads']} | {s['wall_s_median']:.1f} | "
-              f"{s['startup_s_median']:.1f} | {outside} | {s['ratio_to_local']:.2f} / "
+              f"{s['startup_s_median']:.1f} | {outside} | {gap} | {s['ratio_to_local']:.2f} / "
               f"{s['paired_ratio_median']:.2f} | {s['same_metrics_as_local']} |")
     print()
     print("per trial, launcher start of the trial -> first training step (median s): " + "; ".join(
