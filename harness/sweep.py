@@ -1,8 +1,8 @@
 """Hyper-parameter sweeps: `run_benchmark.py sweep --method M --suite S --space space.yaml`.
 
 Each sweep trial is one continual run (harness.trial.run_trial) on the tuning protocol below, launched exactly
-like a benchmark trial (harness.ray_launch.trial_trainable: a Ray Train job inside a Ray Tune function
-trainable); Ray Tune samples the space (random / grid / optuna) and ASHA stops bad configurations after their
+like a benchmark trial (harness.ray_trial.trial_trainable: inside its Tune actor with one worker, a Ray Train
+job with several); Ray Tune samples the space (random / grid / optuna) and ASHA stops bad configurations after their
 first tasks.
 
 Tuning protocol (docs/SWEEPS.md): the metric is measured on a validation split held out of the TRAINING data
@@ -12,7 +12,7 @@ split is never loaded (run_trial does not call load_dataset(..., "test") when sp
 Where things go (<output_dir>/sweeps/<name>/, <name> deterministic, so `--resume` finds it again):
     tune/                   Ray Tune's experiment state (Tuner.restore reads it)
     trials/<name>_<trial id>/  per-trial checkpoints and result.json (as with run_benchmark.py)
-    ray/<trial>/            Ray Train's checkpoints
+    ray/<trial>/            Ray Train's checkpoints (multi-worker trials)
     results.csv, best.yaml  every trial's outcome; the best configuration (`run_benchmark.py --options best.yaml`)
 MLflow: experiment `clbench-sweeps` (kept apart from benchmark leaderboards), a parent run per sweep
 (run_kind=sweep), a child run per trial (run_kind=sweep_trial) with the per-task validation metrics.
@@ -98,7 +98,7 @@ def add_sweep_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     r.add_argument("--max-concurrent-trials", type=int, metavar="N", help="trials at once (default: what fits)")
     r.add_argument("--cpus-per-worker", type=float, metavar="X", help="CPUs per DDP worker (default: fit the cluster)")
     r.add_argument("--gpus-per-worker", type=float, metavar="X", help="GPUs per DDP worker")
-    r.add_argument("--max-failures", type=int, default=2, metavar="N", help="Ray Train restarts of a failed trial")
+    r.add_argument("--max-failures", type=int, default=2, metavar="N", help="restarts of a failed trial from its last finished task (default 2)")
     r.add_argument("--verbose", action="store_true", help="show Ray's own logs and progress output")
     return p
 
@@ -232,7 +232,7 @@ def _trial_sweep(sweep: dict) -> dict:
 # ---------------------------------------------------------------------------------------------------------
 def sweep_trainable(config: dict, sweep: dict, setup: dict) -> None:
     """Build the trial's spec from the sampled config, then run it as the Ray launcher runs a benchmark trial
-    (a TorchTrainer whose per-task reports reach Tune, where ASHA reads them)."""
+    (its per-task reports reach Tune, where ASHA reads them)."""
     from ray import tune
 
     from harness.config import validate
@@ -673,7 +673,7 @@ def _fit(sweep: dict, space: SearchSpace, options, restore: bool, exp_dir: Path,
                                       verbose=2 if options.verbose else 0,
                                       callbacks=[classes["callback"](sweep["name"])],
                                       stop=classes["stopper"](sweep["name"]),
-                                      failure_config=tune.FailureConfig(max_failures=0)))
+                                      failure_config=tune.FailureConfig(max_failures=int(options.max_failures))))
     try:
         return tuner.fit()
     finally:
