@@ -96,6 +96,21 @@ def _backbones() -> tuple[str, ...]:
     return tuple(sorted(BACKBONES))
 
 
+def _normalizations() -> tuple[str, ...]:
+    from harness.data.transforms import NORMALIZATIONS
+    return NORMALIZATIONS
+
+
+def _memory_modes() -> tuple[str, ...]:
+    from harness.memory import MEMORY_MODES
+    return MEMORY_MODES
+
+
+def _shortcuts() -> tuple[str, ...]:
+    from harness.backbones import SHORTCUTS
+    return SHORTCUTS
+
+
 def _selections() -> tuple[str, ...]:
     from harness.memory import SELECTIONS
     return SELECTIONS
@@ -140,7 +155,11 @@ SCHEMA: dict[str, Rule] = {
     "image_size": optional(POS_INT),
     # memory
     "memory_size": optional(NONNEG_INT), "memory_per_class": optional(NONNEG_INT),
-    "memory_selection": choice(_selections),
+    "memory_selection": choice(_selections), "memory_mode": choice(_memory_modes), "memory_shards": POS_INT,
+    "herding_transform": choice(("test", "train")),
+    # fidelity switches (docs/METHODS.md): PyCIL's protocol, the original DyTox's behaviours
+    "brightness_jitter": NONNEG_NUM, "normalize": choice(_normalizations), "resnet_shortcut": choice(_shortcuts),
+    "weight_decay_1d": BOOL, "finetuning_shuffle": BOOL, "nme_flip": BOOL,
     # model
     "backbone": choice(_backbones), "backbone_width": optional(POS_INT),
     # main phase

@@ -75,8 +75,8 @@ def _unit(v: np.ndarray) -> np.ndarray:
     return v / np.linalg.norm(v)
 
 
-def _icarl_with_memory(images, labels) -> ICaRL:
-    method = ICaRL(_config(memory_size=None, memory_per_class=10), torch.device("cpu"))
+def _icarl_with_memory(images, labels, **options) -> ICaRL:
+    method = ICaRL(_config(memory_size=None, memory_per_class=10, **options), torch.device("cpu"))
     method.build()
     method.model = IncrementalNet(HalvesNet())
     info = DatasetInfo("toy", 2, 4, (0.0,) * 3, (1.0,) * 3)
@@ -113,6 +113,34 @@ def test_after_task_means_average_normalised_image_and_flip_features():
     f = torch.tensor(np.array([_unit(feat(*lr)) for lr in [(255, 0), (51, 102), (0, 255), (0, 153)]]),
                      dtype=torch.float32)
     assert torch.allclose(out["nme"], -torch.cdist(f, method.class_means), atol=1e-5)
+
+
+def test_nme_flip_false_means_use_the_image_alone_as_pycil():
+    images = [_image(255, 0), _image(51, 102), _image(0, 255), _image(0, 153)]
+    method = _icarl_with_memory(images, [0, 0, 1, 1], nme_flip=False)
+    method.after_task(_task(0, tasks=1))
+
+    def feat(left, right):
+        return np.array([left / 255, right / 255 + 0.1])
+
+    expected = [_unit(np.mean([_unit(feat(l, r)) for l, r in pair], axis=0))
+                for pair in ([(255, 0), (51, 102)], [(0, 255), (0, 153)])]
+    assert torch.allclose(method.class_means, torch.tensor(np.array(expected), dtype=torch.float32), atol=1e-5)
+
+
+def test_cifar100_pycil_recipe_is_pycils_protocol():
+    from harness.config import resolve_config
+
+    pycil = resolve_config("icarl", "cifar100-seed1993", recipe="cifar100_pycil")
+    assert (pycil["resnet_shortcut"], pycil["normalize"], pycil["nme_flip"]) == ("zero_pad", "pycil", False)
+    assert pycil["brightness_jitter"] == pytest.approx(63 / 255) and pycil["opt"] == "sgd"
+    assert pycil["weight_decay_1d"] is True and pycil["memory_size"] == 2000
+    ours = resolve_config("icarl", "cifar100-seed1993")          # the harness's defaults, the paper's flip
+    assert (ours["resnet_shortcut"], ours["normalize"], ours["nme_flip"], ours["brightness_jitter"]) == (
+        "projection", "dataset", True, 0.0)
+    optimisation = ("lr", "batch_size", "base_epochs", "epochs", "base_milestones", "milestones", "weight_decay",
+                    "incremental_weight_decay", "icarl_loss", "kd_temperature")
+    assert {k: pycil[k] for k in optimisation} == {k: ours[k] for k in optimisation}
 
 
 def test_icarl_requires_a_memory_and_a_known_loss():
