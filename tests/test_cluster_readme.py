@@ -101,6 +101,20 @@ def run(cmd: list[str], env: dict, timeout: float, cwd: Path = ROOT) -> subproce
     return subprocess.run([str(c) for c in cmd], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def start(cmd: list, env: dict) -> subprocess.Popen:
+    return subprocess.Popen([str(c) for c in cmd], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float) -> subprocess.CompletedProcess:
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
 def check(proc: subprocess.CompletedProcess, what: str) -> str:
     assert proc.returncode == 0, f"{what} failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc.stdout
@@ -132,8 +146,12 @@ def assert_one_error_line(proc: subprocess.CompletedProcess, *phrases: str) -> N
 
 def test_readme_cluster_section(tmp_path: Path) -> None:
     gcs, dashboard, agent_head, agent_worker, client, metrics_a, metrics_b = free_ports(7)
-    temp_dir = tempfile.mkdtemp(prefix="clbr", dir="/tmp")      # short: unix socket paths under it
-    token = Path(temp_dir) / "auth_token"
+    # Short paths (unix sockets live under them). Each node gets its own, as on separate machines: two nodes in
+    # one temp dir share runtime_resources/, and one node's runtime-env agent then deletes the job's working_dir
+    # that the other node's driver runs in.
+    head_dir = tempfile.mkdtemp(prefix="clbr", dir="/tmp")
+    worker_dir = tempfile.mkdtemp(prefix="clbw", dir="/tmp")
+    token = Path(head_dir) / "auth_token"
     token.write_text(secrets.token_hex(32))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH", "RAY_API_SERVER"))}
     env.update(RAY_AUTH_TOKEN_PATH=str(token), RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1")
@@ -144,41 +162,46 @@ def test_readme_cluster_section(tmp_path: Path) -> None:
     node_env = {**env, "RAY_API_SERVER_ADDRESS": jobs,
                 # The head's two metrics servers have fixed default ports; another Ray on the machine may hold them.
                 "AUTOSCALER_METRIC_PORT": str(metrics_a), "DASHBOARD_METRIC_PORT": str(metrics_b)}
+    token_env = {**env, "RAY_AUTH_MODE": "token"}
+    bench = [sys.executable, *BENCH]
     try:
         # README: ray start --head --port=6379 (Ray turns token authentication on: a token exists)
-        head = check(run([RAY_CLI, "start", "--head", f"--port={gcs}", "--num-cpus=1", f"--temp-dir={temp_dir}",
+        head = check(run([RAY_CLI, "start", "--head", f"--port={gcs}", "--num-cpus=1", f"--temp-dir={head_dir}",
                           f"--dashboard-port={dashboard}", f"--dashboard-agent-listen-port={agent_head}",
                           f"--ray-client-server-port={client}", "--disable-usage-stats"],
                          node_env, timeout=120), "ray start --head")
         assert "Ray runtime started" in head
         # README: RAY_AUTH_MODE=token ray start --address=HEAD:6379 (a worker node needs the mode exported)
-        check(run([RAY_CLI, "start", f"--address={address}", "--num-cpus=1", f"--temp-dir={temp_dir}",
+        check(run([RAY_CLI, "start", f"--address={address}", "--num-cpus=1", f"--temp-dir={worker_dir}",
                    f"--dashboard-agent-listen-port={agent_worker}"], {**node_env, "RAY_AUTH_MODE": "token"},
                   timeout=120), "ray start --address (worker node)")
-        token_env = {**env, "RAY_AUTH_MODE": "token"}
         deadline = time.monotonic() + 60
         while alive_nodes(address, token_env) < 2:
             assert time.monotonic() < deadline, "the worker node did not join within 60 s"
             time.sleep(2)
 
-        # The reference: the local launcher, one torch thread as each Ray worker gets with --cpus-per-worker 1.
-        check(run([sys.executable, *BENCH, "--launcher", "local", "--output-dir", tmp_path / "local",
-                   "--no-tracking"], {**env, "OMP_NUM_THREADS": "1"}, timeout=300), "local launcher")
-        expected = numbers(tmp_path / "local")
-
-        # A missing or wrong token: one line saying where the token is and what to copy or export; nothing written.
-        no_token = run([sys.executable, *BENCH, "--output-dir", tmp_path / "no_token"],
-                       {**env, "RAY_ADDRESS": address, "RAY_AUTH_TOKEN_PATH": str(tmp_path / "absent")}, timeout=120)
-        assert_one_error_line(no_token, "token authentication", "no token was found", "RAY_AUTH_TOKEN_PATH")
+        # Side by side: the reference (the local launcher with one torch thread, as each Ray worker gets with
+        # --cpus-per-worker 1), and a missing and a wrong token, each one line saying where the token is and
+        # what to copy or export, with nothing written.
         wrong = tmp_path / "wrong_token"
         wrong.write_text(secrets.token_hex(32))
-        bad_token = run([sys.executable, *BENCH, "--output-dir", tmp_path / "bad_token"],
-                        {**env, "RAY_ADDRESS": address, "RAY_AUTH_TOKEN_PATH": str(wrong)}, timeout=120)
-        assert_one_error_line(bad_token, "rejected the authentication token", str(wrong))
+        side = {
+            "local": start([*bench, "--launcher", "local", "--output-dir", tmp_path / "local", "--no-tracking"],
+                           {**env, "OMP_NUM_THREADS": "1"}),
+            "no_token": start([*bench, "--output-dir", tmp_path / "no_token"],
+                              {**env, "RAY_ADDRESS": address, "RAY_AUTH_TOKEN_PATH": str(tmp_path / "absent")}),
+            "bad_token": start([*bench, "--output-dir", tmp_path / "bad_token"],
+                               {**env, "RAY_ADDRESS": address, "RAY_AUTH_TOKEN_PATH": str(wrong)}),
+        }
+        done = {name: finish(proc, timeout=300) for name, proc in side.items()}
+        check(done["local"], "local launcher")
+        expected = numbers(tmp_path / "local")
+        assert_one_error_line(done["no_token"], "token authentication", "no token was found", "RAY_AUTH_TOKEN_PATH")
+        assert_one_error_line(done["bad_token"], "rejected the authentication token", str(wrong))
         assert not (tmp_path / "no_token").exists() and not (tmp_path / "bad_token").exists()
 
         # README: RAY_ADDRESS=HEAD:6379 python run_benchmark.py ... (no RAY_AUTH_MODE: the harness detects it)
-        out = check(run([sys.executable, *BENCH, "--cpus-per-worker", "1", "--output-dir", tmp_path / "address"],
+        out = check(run([*bench, "--cpus-per-worker", "1", "--output-dir", tmp_path / "address"],
                         {**env, "RAY_ADDRESS": address}, timeout=600), "RAY_ADDRESS run")
         assert "Traceback" not in out
         assert numbers(tmp_path / "address") == pytest.approx(expected, abs=0.01)
@@ -190,6 +213,8 @@ def test_readme_cluster_section(tmp_path: Path) -> None:
         assert "succeeded" in job
         assert numbers(tmp_path / "job") == pytest.approx(expected, abs=0.01)
     finally:
-        leftovers = stop_cluster(temp_dir)         # README: ray stop (on every node)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        # README: ray stop (on every node)
+        leftovers = {**stop_cluster(worker_dir), **stop_cluster(head_dir)}
+        shutil.rmtree(head_dir, ignore_errors=True)
+        shutil.rmtree(worker_dir, ignore_errors=True)
     assert not leftovers, f"still running after the cluster was stopped: {leftovers}"
