@@ -8,8 +8,10 @@ Rules (also in docs/TRACKING.md):
 - Only FINISHED trials are averaged. Failed (FAILED/KILLED) and unfinished (RUNNING) trials are counted in
   their own columns and listed under the Markdown table.
 - The same trial logged more than once (e.g. under two parents) counts once: its finished run, else its latest.
-- std is the SAMPLE standard deviation (ddof=1) over orders x seeds; undefined (empty) for a single trial.
-- `published_*` come from benchmarks/published.yaml; `diff_* = ours - published`.
+- std is the SAMPLE standard deviation (ddof=1) over orders x seeds; undefined for a single trial (empty in the
+  CSV, `n/a` in the Markdown).
+- `published_*` come from benchmarks/published.yaml, from an entry measured under the run's protocol (memory_mode,
+  memory_shards, memory_size) only; `diff_* = ours - published`.
 """
 from __future__ import annotations
 
@@ -56,21 +58,43 @@ def load_published(path: str | Path = PUBLISHED) -> list[dict]:
     return entries
 
 
-def find_published(entries: Sequence[dict], method: str, suite: str, variant: str | None) -> dict | None:
-    """The entry for a run group: same method and suite, variant (or alias) equal, else the primary entry."""
+PROTOCOL_KEYS = ("memory_mode", "memory_shards", "memory_size")
+
+
+def run_protocol(values: dict) -> dict:
+    """The protocol of a run (its memory placement) from its options or MLflow params: memory_mode (absent: the
+    harness default, global), memory_shards (distributed only) and memory_size (the total budget)."""
+    out: dict[str, Any] = {"memory_mode": str(values.get("memory_mode") or "global")}
+    for key in ("memory_shards", "memory_size"):
+        number = _int(values.get(key))
+        if number is not None and (key != "memory_shards" or out["memory_mode"] == "distributed"):
+            out[key] = number
+    return out
+
+
+def same_protocol(entry: dict, protocol: dict | None) -> bool:
+    """True when a published entry was measured under the run's protocol. An entry without `protocol` is a global
+    memory of any size; an entry's shard count or size, when it gives one, must equal the run's."""
+    want = entry.get("protocol") or {}
+    run = protocol or {"memory_mode": "global"}
+    if want.get("memory_mode", "global") != run.get("memory_mode", "global"):
+        return False
+    return all(run.get(key) is None or int(run[key]) == int(want[key]) for key in PROTOCOL_KEYS[1:] if key in want)
+
+
+def find_published(entries: Sequence[dict], method: str, suite: str, variant: str | None,
+                   protocol: dict | None = None) -> dict | None:
+    """The entry for a run group measured under the same protocol (see benchmarks/published.yaml): the one its
+    variant (or a part of a combined variant, the last options file first) names, else the primary one; None when
+    no entry of the run's protocol is there to compare with."""
     candidates = [e for e in entries if e["method"] == method and suite in (e.get("suites") or [])]
     names = lambda e: {e["variant"], *(e.get("aliases") or [])}  # noqa: E731
-    for e in candidates:
-        if variant is not None and variant in names(e):
-            return e
-    # A combined variant (`cifar100+plus`: recipe + options files) matches on any of its parts.
-    parts = [] if variant is None else variant.split("+")
-    for part in reversed(parts):           # the last options file says the most
-        for e in candidates:
-            if part in names(e):
-                return e
-    primary = [e for e in candidates if e.get("primary")]
-    return primary[0] if primary else None
+    parts = [] if variant is None else [variant, *reversed(variant.split("+"))]
+    for part in parts:
+        named = [e for e in candidates if part in names(e)]
+        if named:           # the run says which published variant it is: that one, under its own protocol
+            return next((e for e in named if same_protocol(e, protocol)), None)
+    return next((e for e in candidates if e.get("primary") and same_protocol(e, protocol)), None)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -142,6 +166,7 @@ def _run_row(run) -> dict:
         "wall_time_s": _num(metrics.get("wall_time_s")),
         "world_size": _num(metrics.get("world_size", params.get("world_size", 1))),
         "initial_increment": params.get("initial_increment"), "increment": params.get("increment"),
+        **run_protocol(params),
     }
     for column, name in HEAD_METRICS + TOP5_METRICS:
         row[column] = _num(metrics.get(f"final_{name}"))
@@ -193,7 +218,10 @@ def summarize(trials: pd.DataFrame, published: Sequence[dict] | None = None) -> 
         wall = ok["wall_time_s"].fillna(0.0)
         row["wall_time_h"] = float(wall.sum() / 3600)
         row["compute_h"] = float((wall * ok["world_size"].fillna(1.0)).sum() / 3600)   # worker-hours
-        entry = find_published(published or [], str(row["method"]), str(row["suite"]), row["variant"])
+        first = ok.iloc[0] if len(ok) else group.iloc[0]
+        protocol = run_protocol({k: first[k] for k in PROTOCOL_KEYS if k in group and pd.notna(first[k])})
+        row["memory_mode"] = protocol["memory_mode"]
+        entry = find_published(published or [], str(row["method"]), str(row["suite"]), row["variant"], protocol)
         row["published_variant"] = entry["variant"] if entry else None
         row["published_avg_inc_acc"] = _num(entry.get("avg_inc_acc")) if entry else math.nan
         row["published_last_acc"] = _num(entry.get("last_acc")) if entry else math.nan
@@ -227,6 +255,13 @@ def _fmt(mean: float, std: float = math.nan, digits: int = 2) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
+def _fmt_runs(mean: float, std: float, finished: int) -> str:
+    """A run group's mean ± sample std; one finished trial has no std: `n/a`, never 0.00."""
+    if finished == 1 and not (mean is None or (isinstance(mean, float) and math.isnan(mean))):
+        return f"{mean:.2f} ± n/a"
+    return _fmt(mean, std)
+
+
 def _signed(value: float) -> str:
     return "–" if value is None or math.isnan(value) else f"{value:+.2f}"
 
@@ -250,11 +285,14 @@ def to_markdown(table: pd.DataFrame) -> str:
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     for r in table.to_dict("records"):
         cells = [r["method"], r["suite"], r["variant"]] + ([r["config_hash"]] if ambiguous else [])
-        cells += [r["finished"], r["failed"], r["unfinished"], _fmt(r["avg_inc_acc_mean"], r["avg_inc_acc_std"]),
-                  _fmt(r["last_acc_mean"], r["last_acc_std"])]
-        cells += [_fmt(r.get(f"{h}_avg_inc_acc_mean", math.nan), r.get(f"{h}_avg_inc_acc_std", math.nan))
+        n = r["finished"]
+        cells += [r["finished"], r["failed"], r["unfinished"],
+                  _fmt_runs(r["avg_inc_acc_mean"], r["avg_inc_acc_std"], n),
+                  _fmt_runs(r["last_acc_mean"], r["last_acc_std"], n)]
+        cells += [_fmt_runs(r.get(f"{h}_avg_inc_acc_mean", math.nan), r.get(f"{h}_avg_inc_acc_std", math.nan), n)
                   for h in heads]
-        cells += [_fmt(r.get(f"{h}_last_acc_mean", math.nan), r.get(f"{h}_last_acc_std", math.nan)) for h in heads]
+        cells += [_fmt_runs(r.get(f"{h}_last_acc_mean", math.nan), r.get(f"{h}_last_acc_std", math.nan), n)
+                  for h in heads]
         params = r.get("parameters")
         cells.append("–" if params is None or (isinstance(params, float) and math.isnan(params))
                      else f"{params / 1e6:.2f}")

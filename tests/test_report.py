@@ -65,30 +65,49 @@ def store(tmp_path_factory):
 # ---------------------------------------------------------------------------------------------------------
 # Published numbers
 # ---------------------------------------------------------------------------------------------------------
+DISTRIBUTED = {"memory_mode": "distributed", "memory_shards": 2, "memory_size": 2000}
+
+
 def test_published_numbers_are_the_reference_ones():
     entries = load_published()
 
-    def pub(method, suite, variant=None):
-        e = find_published(entries, method, suite, variant)
+    def pub(method, suite, variant=None, protocol=None):
+        e = find_published(entries, method, suite, variant, protocol)
         return (e["avg_inc_acc"], e["last_acc"]) if e else None
 
-    assert pub("dytox", "cifar100") == (71.50, 57.76) == pub("dytox", "cifar100-10steps")
-    assert pub("dytox", "cifar100-20steps") == (68.86, 51.47)
-    assert pub("dytox", "cifar100-50steps") == (64.82, 45.61)
-    dytox = find_published(entries, "dytox", "cifar100", None)
+    # a default run holds one global memory: its row is the erratum's global-memory one
+    assert pub("dytox", "cifar100") == (67.33, 51.68) == pub("dytox", "cifar100-10steps", "cifar100")
+    assert pub("dytox", "cifar100-20steps") == (67.30, 48.45)
+    assert pub("dytox", "cifar100-50steps") == (64.39, 43.47)
+    # the distributed-memory emulation (2 shards of 1k) is compared with the distributed rows
+    assert pub("dytox", "cifar100", protocol=DISTRIBUTED) == (71.50, 57.76)
+    assert pub("dytox", "cifar100-20steps", protocol=DISTRIBUTED) == (68.86, 51.47)
+    assert pub("dytox", "cifar100-50steps", protocol=DISTRIBUTED) == (64.82, 45.61)
+    dytox = find_published(entries, "dytox", "cifar100", None, DISTRIBUTED)
     assert "erratum" in dytox["source"] and "distributed memory" in dytox["note"]
-    assert pub("dytox", "cifar100", "plus") == (74.10, 62.34)              # DyTox+ erratum, via an alias
+    assert pub("dytox", "cifar100", "plus", DISTRIBUTED) == (74.10, 62.34)   # DyTox+ erratum, via an alias
+    assert pub("dytox", "cifar100", "plus") is None                          # no global-memory DyTox+ CIFAR row
     assert pub("dytox", "cifar100", "erratum-globalmem") == (67.33, 51.68)
+    assert pub("dytox", "cifar100", "erratum-distmem") is None               # named, but another protocol
+    assert pub("dytox", "cifar100", "paper") is None                         # 2 GPUs x 2k: not this run's
+    assert pub("dytox", "cifar100", "paper", {**DISTRIBUTED, "memory_size": 4000}) == (73.66, 60.67)
+    assert pub("dytox", "cifar100", None, {**DISTRIBUTED, "memory_shards": 4}) is None   # other shard count
     icarl = [pub("icarl", f"cifar100-{n}steps") for n in (10, 20, 50)]
     assert icarl == [(65.27, 50.74), (61.20, 43.75), (56.08, 36.62)]
+    assert pub("icarl", "cifar100", protocol=DISTRIBUTED) is None            # rows without protocol: global
     der = [pub("der", f"cifar100-{n}steps") for n in (10, 20, 50)]
     assert der == [(75.36, 65.22), (74.09, 62.48), (72.41, 59.08)]
-    assert pub("dytox", "imagenet100") == (73.96, 62.20)
-    assert pub("dytox", "imagenet1000") == (68.14, 59.75)                   # distMem is "TBD" in the erratum
+    assert pub("dytox", "imagenet100") == (71.85, 57.94)
+    in100 = {"memory_mode": "distributed", "memory_shards": 4, "memory_size": 2000}
+    assert pub("dytox", "imagenet100", protocol=in100) == (73.96, 62.20)
+    assert pub("dytox", "imagenet100", "plus") == (77.62, 65.94)             # DyTox+ global memory
+    assert pub("dytox", "imagenet1000") == (68.14, 59.75)
+    assert pub("dytox", "imagenet1000", protocol={**in100, "memory_size": 20000}) is None   # "TBD" in the erratum
     assert pub("icarl", "imagenet1000") == (38.40, 22.70)
     assert pub("replay", "cifar100") is None and pub("dytox", "cifar10-mini") is None
-    # one primary entry per method x suite, every entry with a source
-    primaries = [(e["method"], s) for e in entries if e.get("primary") for s in e["suites"]]
+    # one primary entry per method x suite x memory placement, every entry with a source
+    primaries = [(e["method"], s, (e.get("protocol") or {}).get("memory_mode", "global"))
+                 for e in entries if e.get("primary") for s in e["suites"]]
     assert len(primaries) == len(set(primaries))
     assert all(e["source"].strip() for e in entries)
 
@@ -142,7 +161,27 @@ def test_single_trial_has_no_std():
     row = summarize(pd.DataFrame([_trial("icarl", "order1", "FINISHED", 66.0, 51.0)]), []).iloc[0]
     assert row["avg_inc_acc_mean"] == 66.0 and math.isnan(row["avg_inc_acc_std"])
     one = summarize(pd.DataFrame([_trial("icarl", "o", "FINISHED", 66.0, 51.0)]), [])
-    assert "| 66.00 | 51.00 |" in to_markdown(one)
+    assert "| 66.00 ± n/a | 51.00 ± n/a |" in to_markdown(one)          # not "± 0.00": a std needs 2 trials
+
+
+def test_deltas_compare_runs_of_the_same_memory_protocol():
+    """A default DyTox run (one global 2k memory) is compared with the erratum's global-memory row, the
+    distributed-memory emulation with the distributed row; each run group with its own."""
+    def dytox(order, aia, last, **protocol):
+        return {**_trial("dytox", order, "FINISHED", aia, last), "config_hash": protocol.get("memory_mode", "g"),
+                **protocol}
+    trials = pd.DataFrame([dytox("order1", 68.0, 52.0, memory_mode="global", memory_size=2000),
+                           dytox("order2", 66.0, 50.0, memory_mode="global", memory_size=2000),
+                           dytox("order1", 72.0, 58.0, memory_mode="distributed", memory_shards=2, memory_size=2000)])
+    table = summarize(trials, load_published()).set_index("memory_mode")
+    glob, dist = table.loc["global"], table.loc["distributed"]
+    assert (glob["published_variant"], glob["published_avg_inc_acc"]) == ("erratum-globalmem", 67.33)
+    assert glob["diff_avg_inc_acc"] == pytest.approx(67.0 - 67.33) and glob["diff_last_acc"] == pytest.approx(51 - 51.68)
+    assert (dist["published_variant"], dist["published_last_acc"]) == ("erratum-distmem", 57.76)
+    assert dist["diff_last_acc"] == pytest.approx(58.0 - 57.76)
+    md = to_markdown(summarize(trials, load_published()))
+    assert "67.33 / 51.68 (erratum-globalmem)" in md and "71.50 / 57.76 (erratum-distmem)" in md
+    assert "72.00 ± n/a" in md and "67.00 ± 1.41" in md
 
 
 # ---------------------------------------------------------------------------------------------------------
