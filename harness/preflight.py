@@ -23,13 +23,14 @@ MAX_SEED = 2**32 - 1          # numpy's seeding range
 
 def preflight(config: dict, origins: dict[str, str] | None = None, *, output_dir: str | Path,
               launcher: str = "ray", address: str | None = None, tracking_uri: str | None = None,
-              tracking: bool = True, experiment: str = "clbench") -> None:
-    """Run every check; the first failure raises a one-line HarnessError."""
+              tracking: bool = True, experiment: str = "clbench", splits: tuple[str, ...] = ("train", "test")) -> None:
+    """Run every check; the first failure raises a one-line HarnessError. `splits`: the dataset splits whose
+    files are opened (a sweep passes ("train",): its trials never read the test split, nor does its driver)."""
     check_config(config, origins)
     check_scenario(config)
     check_method(config)
     check_device(config, launcher, address)
-    check_dataset_files(config)
+    check_dataset_files(config, splits)
     output = check_output_dir(output_dir)
     if tracking:
         check_tracking_store(tracking_uri, output, experiment)
@@ -133,12 +134,12 @@ def check_device(config: dict, launcher: str, address: str | None = None) -> Non
 
 
 # ---- data -------------------------------------------------------------------------------------------------
-def check_dataset_files(config: dict) -> None:
+def check_dataset_files(config: dict, splits: tuple[str, ...] = ("train", "test")) -> None:
     """The dataset is present and readable (a few files of each split are opened), and an explicit data path
     exists even for datasets that do not read one: see harness.data.check_dataset."""
     from harness.data import check_dataset
 
-    check_dataset(config)
+    check_dataset(config, splits)
 
 
 # ---- output folder ----------------------------------------------------------------------------------------

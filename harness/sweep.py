@@ -176,7 +176,8 @@ def plan_sweep(args: argparse.Namespace, log: Callable[[str], None] = print) -> 
     validate({**base, **space.fixed()})
     from harness.preflight import preflight    # the driver's pre-flight: before Ray starts or any file is written
     preflight({**base, **space.fixed()}, output_dir=Path(args.output_dir).resolve(), launcher="ray",
-              address=args.address, tracking_uri=args.tracking_uri, experiment=args.experiment)
+              address=args.address, tracking_uri=args.tracking_uri, experiment=args.experiment,
+              splits=("train",))
     total_tasks = num_tasks_of(base)
     k = min(args.val_tasks, total_tasks)
     if k < args.val_tasks and args.val_tasks != DEFAULT_VAL_TASKS:

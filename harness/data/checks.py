@@ -30,9 +30,10 @@ _MEMO: dict[tuple, object] = {}            # per-process: (what, file identity) 
 
 # ---- check ------------------------------------------------------------------------------------------------
 
-def check_dataset(config: dict) -> None:
+def check_dataset(config: dict, splits: tuple[str, ...] = ("train", "test")) -> None:
     """Raise DataError/ConfigError (one line naming the file and what to do) when the dataset of `config` is
-    missing or unreadable. With `download` and CIFAR missing it passes: downloading is the trial's job."""
+    missing or unreadable. With `download` and CIFAR missing it passes: downloading is the trial's job.
+    `splits`: whose images are opened (a sweep never opens the test split's)."""
     name, data_path, download = config["dataset"], config.get("data_path"), bool(config.get("download"))
     dataset_info(name)                     # unknown name -> ConfigError
     if data_path and not Path(data_path).expanduser().exists() and not (name in CIFAR and download):
@@ -43,10 +44,10 @@ def check_dataset(config: dict) -> None:
         else:
             hint = f"pass the folder (or .zip) that holds the {name} files"
         raise DataError(f"--data-path {data_path} does not exist; {hint}")
-    _CHECKS[name](name, data_path, download)
+    _CHECKS[name](name, data_path, download, splits)
 
 
-def _check_cifar(name: str, data_path: str | None, download: bool) -> None:
+def _check_cifar(name: str, data_path: str | None, download: bool, splits: tuple[str, ...]) -> None:
     root = cifar_root(data_path)
     missing = cifar.missing_files(name, root)
     if missing:
@@ -62,12 +63,12 @@ def _sample(count: int) -> list[int]:
     return sorted({round(i * (count - 1) / max(k - 1, 1)) for i in range(k)})
 
 
-def _check_image_folder(path: Path) -> None:
-    """Both splits laid out right, no unsafe zip members, and the first image of sampled classes decodes (at
+def _check_image_folder(path: Path, splits: tuple[str, ...]) -> None:
+    """The splits laid out right, no unsafe zip members, and the first image of sampled classes decodes (at
     one size, for small images: the loader stacks them)."""
     src = ImageSource(path)
     first = None
-    for split in ("train", "test"):
+    for split in splits:
         files, labels, class_names = split_files(src, split)
         if not files:
             raise DataError(f"{path} has no images in its {split} split; add test/<class>/* images")
@@ -84,22 +85,22 @@ def _check_image_folder(path: Path) -> None:
                                 "or delete it")
 
 
-def _check_image_dataset(name: str, data_path: str | None, download: bool) -> None:
+def _check_image_dataset(name: str, data_path: str | None, download: bool, splits: tuple[str, ...]) -> None:
     if name == "cifar10-mini":
-        _check_image_folder(mini_zip())
+        _check_image_folder(mini_zip(), splits)
     elif name == "cifar10-jpeg":
-        _check_image_folder(cifar10_jpeg_source(data_path))
+        _check_image_folder(cifar10_jpeg_source(data_path), splits)
     elif name == "imagefolder":
-        _check_image_folder(image_folder_path(data_path))
+        _check_image_folder(image_folder_path(data_path), splits)
     else:   # imagenet1000
         root = imagenet_root(name, data_path)
         require_imagenet1000(root)
-        _check_image_folder(root)
+        _check_image_folder(root, splits)
 
 
-def _check_imagenet100(name: str, data_path: str | None, download: bool) -> None:
+def _check_imagenet100(name: str, data_path: str | None, download: bool, splits: tuple[str, ...]) -> None:
     root = imagenet_root(name, data_path)
-    for split in ("train", "test"):
+    for split in splits:
         data = load_imagenet100(root, split)      # split files parse, the first listed image exists
         starts = {int(label): i for i, label in reversed(list(enumerate(data.y)))}
         present = sorted(starts)
@@ -107,7 +108,7 @@ def _check_imagenet100(name: str, data_path: str | None, download: bool) -> None
             decode_path(data.x[starts[present[c]]])
 
 
-def _check_digits(name: str, data_path: str | None, download: bool) -> None:
+def _check_digits(name: str, data_path: str | None, download: bool, splits: tuple[str, ...]) -> None:
     """The digits file inside the scikit-learn wheel must read as gzip; importing scikit-learn itself costs
     most of a second, so that only happens when the file is not where scikit-learn keeps it today."""
     spec = importlib.util.find_spec("sklearn")
@@ -126,7 +127,7 @@ def _check_digits(name: str, data_path: str | None, download: bool) -> None:
                         "scikit-learn (pip install --force-reinstall scikit-learn)") from None
 
 
-_CHECKS: dict[str, Callable[[str, str | None, bool], None]] = {
+_CHECKS: dict[str, Callable[[str, str | None, bool, tuple[str, ...]], None]] = {
     "cifar10": _check_cifar, "cifar100": _check_cifar, "cifar10-jpeg": _check_image_dataset,
     "cifar10-mini": _check_image_dataset, "imagefolder": _check_image_dataset,
     "imagenet1000": _check_image_dataset, "imagenet100": _check_imagenet100, "digits": _check_digits}
