@@ -183,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     config["output_dir"] = str(output_dir)
     preflight(config, origins, output_dir=output_dir, launcher=args.launcher, address=args.address,
               tracking_uri=args.tracking_uri, tracking=not args.no_tracking, experiment=args.experiment)
+    from harness.estimate import long_run_warning
+    if (warning := long_run_warning(config)) is not None:     # estimated > 1 hour on this machine's device
+        print(warning, file=sys.stderr)
     if args.launcher == "ray":   # on a cluster: join it, check shared folders and state API on every node
         from harness.cluster import preflight_cluster
 

@@ -67,10 +67,12 @@ def overrides_for(method: str, args: argparse.Namespace) -> dict:
 
 
 def _mean_std(values: list[float]) -> str:
+    """Mean +- sample std; one value has no std: `n/a`, never 0.00."""
     if not values:
         return "-"
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.2f} +- {std:.2f}"
+    if len(values) == 1:
+        return f"{values[0]:.2f} +- n/a"
+    return f"{statistics.mean(values):.2f} +- {statistics.stdev(values):.2f}"
 
 
 def old_task_accuracy(matrix: list[list[float | None]]) -> float:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 from pathlib import Path
@@ -105,11 +104,13 @@ def trial_rows(results: list[dict]) -> pd.DataFrame:
 
 
 def _mean_std(values: pd.Series) -> str:
+    """Mean +- sample std (ddof=1); one value has no std: `n/a`, never 0.00."""
     values = values.dropna()
     if values.empty:
         return "-"
-    std = values.std(ddof=1) if len(values) > 1 else 0.0
-    return f"{values.mean():.2f} +- {0.0 if math.isnan(std) else std:.2f}"
+    if len(values) == 1:
+        return f"{values.mean():.2f} +- n/a"
+    return f"{values.mean():.2f} +- {values.std(ddof=1):.2f}"
 
 
 def summary_table(results: list[dict]) -> pd.DataFrame:

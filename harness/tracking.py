@@ -511,6 +511,8 @@ class TrialLogger:
                 final[{"parameters": "final_parameters"}.get(key, key)] = float(result[key])
         last_step = max(self._logged_steps) if self._logged_steps else 0
         log_metrics(self.client, self.run_id, final, last_step)
+        if result.get("class_order"):     # the permutation itself, not only the order's name: label i = class [i]
+            log_params(self.client, self.run_id, [("class_permutation", _param_value(result["class_order"]))])
         tags = {"result_status": str(result.get("status")), "launcher": str(result.get("launcher", ""))}
         if summary:
             tags.update(main_head=next(iter(summary)), heads=json.dumps(list(summary)))

@@ -241,6 +241,7 @@ def test_icarl_runs_on_real_digits(tmp_path, loss):
     assert result["status"] == "finished", result.get("error")
     metrics = result["metrics"]
     assert list(metrics) == ["nme", "cnn"]
+    assert result["class_order"] == list(range(10))          # the permutation itself (order `natural`)
     assert metrics["nme"]["accuracies"][0] > 80            # 2 digit classes
     assert metrics["nme"]["last_accuracy"] > 40             # 10 classes, chance 10%; finetune forgets to ~20
     assert metrics["cnn"]["last_accuracy"] > 20

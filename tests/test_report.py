@@ -282,3 +282,33 @@ def test_mean_curves_leave_failed_trials_out():
     assert list(curves[0].x) == [10 * (t + 1) for t in range(10)]
     assert curves[0].y == pytest.approx([(a + b) / 2 for a, b in zip(ICARL_1, ICARL_2)])
     assert curves[0].std == pytest.approx([statistics.stdev([a, b]) for a, b in zip(ICARL_1, ICARL_2)])
+
+
+def test_end_of_run_table_shows_n_a_for_the_std_of_one_trial():
+    from harness.results import summary_table
+
+    def result(order, aia):
+        return {"method": "icarl", "suite": "digits-5x2", "order": order, "seed": 0, "status": "finished",
+                "parameters": 1000, "wall_time_s": 60.0,
+                "metrics": {"nme": {"average_incremental_accuracy": aia, "last_accuracy": aia - 10, "forgetting": 5.0}}}
+    one = summary_table([result("natural", 70.0)]).iloc[0]
+    assert one["avg_inc_acc"] == "70.00 +- n/a" and one["last_acc"] == "60.00 +- n/a"
+    two = summary_table([result("natural", 70.0), result("seed1993", 72.0)]).iloc[0]
+    assert two["avg_inc_acc"] == "71.00 +- 1.41"
+
+
+def test_trial_run_records_its_class_permutation(tmp_path):
+    """The run's params hold the permutation itself (label i is original class [i]), not only the order's name."""
+    import json
+
+    config = cifar100_config("icarl")
+    specs = make_specs(config, [("order1", 1993)])
+    result = make_result(specs[0], ICARL_1)
+    order = [87, 0, 52, 58, 44, 91, 68, 97, 51, 15] + list(range(100, 190))
+    result["class_order"] = order
+    log_benchmark(tmp_path, config, specs, [result])
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                filter_string="tags.run_kind = 'trial'")
+    assert json.loads(run.data.params["class_permutation"]) == order
+    assert run.data.params["order_name"] == "order1"

@@ -1,0 +1,134 @@
+"""A rough wall-time estimate of a benchmark before it starts, so the driver can warn before a run of hours.
+
+Work = floating-point operations: every training image costs 3 forward passes (forward + backward), +1 when a
+frozen teacher is run on it (iCaRL, DyTox from the second task on); evaluation, herding features and class
+means cost 1 forward each. The forward cost of the method's model is counted once per benchmark on the `meta`
+device (shapes only, no memory, no data) at the first and the last task (DER grows one extractor per task) and
+interpolated between. Speed = a conservative effective throughput of the detected device (small models do not
+reach a device's peak). Numbers are within a factor of about 2 on the machines measured; the point is to tell
+minutes from days.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from harness.method import TaskInfo
+
+# Training and test images per class of the datasets whose sizes are known (imagefolder: unknown -> no estimate).
+TRAIN_PER_CLASS = {"cifar10": 5000, "cifar10-jpeg": 5000, "cifar10-mini": 300, "cifar100": 500,
+                   "imagenet100": 1300, "imagenet1000": 1281, "digits": 144}
+TEST_PER_CLASS = {"cifar10": 1000, "cifar10-jpeg": 1000, "cifar10-mini": 100, "cifar100": 100,
+                  "imagenet100": 50, "imagenet1000": 50, "digits": 36}
+# Effective FLOP/s. CPU: per torch thread, from the 2-core measurements of docs/PERFORMANCE.md and the
+# cifar10-5x2 comparison (13-60 GFLOP/s per thread depending on the model's size). GPU: a fraction of a current
+# data-centre GPU's peak, fp32 and with AMP.
+CPU_FLOPS_PER_THREAD = 2.0e10
+GPU_FLOPS = {"fp32": 1.0e13, "amp": 3.0e13}
+WARN_HOURS = 1.0
+
+
+def _forward_flops(config: dict, tasks: list[TaskInfo]) -> tuple[float, float, bool]:
+    """Forward FLOPs of one image at the first and at the last task, and whether a teacher runs from task 2."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from harness.data import dataset_info
+    from harness.registry import get_method
+
+    info = dataset_info(config["dataset"], config.get("data_path"))
+    size = int(config.get("image_size") or info.image_size or 224)
+    method = get_method(config["method"])(config, torch.device("meta"))
+    x = torch.empty(1, 3, size, size, device="meta")
+
+    def count() -> float:
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            method.model(x)
+        return float(counter.get_total_flops())
+
+    with torch.device("meta"):        # every module the method builds or grows: shapes only
+        method.build()
+        method.before_task(tasks[0])
+        first = count()
+        teacher = False
+        for task in tasks[1:]:
+            method.before_task(task)
+            teacher = teacher or getattr(method, "teacher", None) is not None
+        return first, count() if len(tasks) > 1 else first, teacher
+
+
+def estimate_hours(config: dict, device: torch.device | str | None = None) -> float:
+    """Estimated wall-clock hours of all the trials of `config` on `device` (default: the one the run would
+    pick), run one after another; nan when the data's size is unknown or the model cannot be counted."""
+    from harness.runtime import amp_dtype, select_device
+    from harness.scenarios import make_increments
+
+    dataset = config.get("dataset")
+    if dataset not in TRAIN_PER_CLASS:
+        return math.nan
+    device = select_device(str(device or config.get("device") or "auto")) if not isinstance(device, torch.device) \
+        else device
+    from harness.data import dataset_info
+
+    num_classes = dataset_info(dataset).num_classes
+    increments = make_increments(num_classes, config.get("initial_increment"), config["increment"])
+    tasks, seen = [], 0
+    for t, inc in enumerate(increments):
+        tasks.append(TaskInfo(t, len(increments), tuple(range(seen, seen + inc)), seen, num_classes))
+        seen += inc
+    try:
+        first, last, teacher = _forward_flops(config, tasks)
+    except Exception:  # noqa: BLE001 -- an estimate must never stop a run
+        return math.nan
+
+    per_class = min(TRAIN_PER_CLASS[dataset], int(config.get("train_per_class") or TRAIN_PER_CLASS[dataset]))
+    memory_total = int(config.get("memory_size") or 0)
+    uses_memory = config.get("method") not in ("finetune", "joint") and (memory_total or config.get("memory_per_class"))
+    flops = 0.0
+    for t, task in enumerate(tasks):
+        forward = first + (last - first) * (t / max(1, len(tasks) - 1))
+        new = task.num_new_classes * per_class
+        if config.get("method") == "joint":
+            new = task.num_seen_classes * per_class
+        memory_now = 0
+        if uses_memory:
+            budget = memory_total or int(config["memory_per_class"]) * task.num_old_classes
+            memory_now = min(budget, task.num_old_classes * per_class)
+        epochs = int(config.get("base_epochs") or config["epochs"]) if t == 0 else int(config["epochs"])
+        per_image = (3 + (1 if teacher and t > 0 else 0)) * forward
+        flops += epochs * (new + memory_now) * per_image
+        if t > 0:       # memory-only phases: DyTox's balanced finetuning, DER's classifier re-training
+            memory_after = min(memory_total or 0, task.num_seen_classes * per_class) if uses_memory else 0
+            extra = int(config.get("finetuning_epochs") or 0) + int(config.get("decouple_epochs") or 0)
+            flops += extra * memory_after * 3 * forward
+        flops += task.num_seen_classes * TEST_PER_CLASS[dataset] * forward     # evaluation
+        if uses_memory and config.get("memory_selection") != "random":
+            flops += new * forward                                              # herding features
+    trials = len(config.get("orders") or [1]) * len(config.get("seeds") or [1])
+    if device.type == "cuda":
+        workers = max(1, min(int(config.get("num_workers") or 1), torch.cuda.device_count()))
+        speed = workers * GPU_FLOPS["amp" if amp_dtype(device, config.get("amp", "auto")) else "fp32"]
+    else:
+        speed = torch.get_num_threads() * CPU_FLOPS_PER_THREAD      # DDP workers on one CPU share its cores
+    return trials * flops / speed / 3600
+
+
+def long_run_warning(config: dict, device: torch.device | str | None = None) -> str | None:
+    """One `warning:` line when the benchmark is estimated to take more than WARN_HOURS, else None."""
+    hours = estimate_hours(config, device)
+    if math.isnan(hours) or hours <= WARN_HOURS:
+        return None
+    where = select_name(device, config)
+    shown = f"{hours:,.0f} hours" if hours >= 10 else f"{hours:.1f} hours"
+    return (f"warning: this benchmark is estimated to take about {shown} on {where} (a rough estimate); "
+            "a suite with a `budget` (cifar10-5x2, cifar10-mini, digits-5x2), --epochs or fewer --orders/--seeds "
+            "make it shorter; Ctrl-C stops it and the same command resumes it")
+
+
+def select_name(device: torch.device | str | None, config: dict) -> str:
+    from harness.runtime import select_device
+
+    dev = device if isinstance(device, torch.device) else select_device(str(device or config.get("device") or "auto"))
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    return f"this CPU ({torch.get_num_threads()} threads)"
