@@ -32,6 +32,7 @@ GCS_PROBE_METHOD = "/ray.rpc.NodeInfoGcsService/GetClusterId"   # cheap, and eve
 TOKEN_FILE = "~/.ray/auth_token"
 # Ray's switch for "no multi-node cluster": the node IP becomes 127.0.0.1 and every server binds there.
 LOCAL_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+_LOCAL_ONLY_SET_HERE = False
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -185,6 +186,9 @@ def prepare_connection(address: str, source: str = "--address") -> str:
         raise ResourceError(f"the Ray cluster at {where} uses token authentication but RAY_AUTH_MODE=disabled is "
                             "set here: unset it (the token is then found and used) or export RAY_AUTH_MODE=token")
     token, token_source = local_token()
+    if token is None and mode == "token":        # Ray itself refuses to connect in token mode without a token
+        raise ResourceError(f"RAY_AUTH_MODE=token is set here but no authentication token was found ({token_source}): "
+                            f"{copy}; or unset RAY_AUTH_MODE if the cluster at {where} runs without authentication")
     if token is None:
         raise ResourceError(f"the Ray cluster at {where} uses token authentication (Ray's default) and no token was "
                             f"found on this machine ({token_source}): {copy}, then rerun")
@@ -203,6 +207,7 @@ def join_cluster(address: str, source: str = "--address", verbose: bool = False)
     import ray
 
     target = prepare_connection(address, source)
+    _allow_multi_node()
     try:
         # Joining a cluster: resources are the cluster's (passing num_cpus here raises).
         ray.init(address=target, log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.WARNING)
@@ -214,12 +219,28 @@ def keep_embedded_ray_local() -> None:
     """Make an embedded Ray bind to 127.0.0.1: its node IP becomes 127.0.0.1, so the GCS, the raylet, the
     agents and the metrics servers listen there instead of on every interface (measured in docs/CLUSTER.md).
     The user's own setting of the variable wins."""
+    global _LOCAL_ONLY_SET_HERE
     if LOCAL_ONLY_ENV in os.environ:
         return
     os.environ[LOCAL_ONLY_ENV] = "0"          # read by Ray's processes when they start
+    _LOCAL_ONLY_SET_HERE = True
+    _set_ray_cluster_constant(False)
+
+
+def _allow_multi_node() -> None:
+    """Undo keep_embedded_ray_local() before joining a cluster from the same process (a loopback node IP
+    would not match any node of the cluster)."""
+    global _LOCAL_ONLY_SET_HERE
+    if _LOCAL_ONLY_SET_HERE:
+        os.environ.pop(LOCAL_ONLY_ENV, None)
+        _LOCAL_ONLY_SET_HERE = False
+        _set_ray_cluster_constant(True)
+
+
+def _set_ray_cluster_constant(value: bool) -> None:
     constants = sys.modules.get("ray._private.ray_constants")
     if constants is not None:                  # Ray already imported here: it read the variable at import
-        constants.ENABLE_RAY_CLUSTER = False
+        constants.ENABLE_RAY_CLUSTER = value
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -263,10 +284,11 @@ def _state_api_problem() -> dict[str, str]:
     try:
         nodes = list_nodes(limit=10_000, timeout=STATE_API_TIMEOUT_S, raise_on_missing_output=False)
     except ConnectionError as exc:     # Ray could not tell which local Ray instance to ask
-        return {"state_api": f"{_one_line(str(exc))[:160]}; {find_it}"}
+        return {"state_api": f"{_short(exc)}; {find_it}"}
     except Exception as exc:  # noqa: BLE001 -- any failure means Ray Train's cleaner would fail the same way
-        return {"state_api": f"{type(exc).__name__}: {_one_line(str(exc))[:160]}; start the head with `ray start "
-                             "--head --dashboard-host=0.0.0.0` (or its IP) and install ray[default] on every node"}
+        return {"state_api": f"{type(exc).__name__}: {_short(exc)}; the head must run the dashboard where every node "
+                             "reaches it: `ray start --head --dashboard-host=0.0.0.0` (or the head's IP; not "
+                             "--include-dashboard=false), with ray[default] installed on every node"}
     if ray.get_runtime_context().get_node_id() not in {n.node_id for n in nodes}:
         return {"state_api": f"it answers for another Ray cluster; {find_it}"}
     return {}
@@ -364,6 +386,11 @@ def _node_name(node: dict, report: dict | None = None) -> str:
 
 def _one_line(text: str) -> str:
     return " ".join(str(text).split())
+
+
+def _short(exc: BaseException, limit: int = 200) -> str:
+    text = _one_line(str(exc))
+    return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " ..."
 
 
 def preflight_cluster(address: str | None, output_dir: str | Path, data_path: str | None = None,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -61,15 +62,18 @@ def _processes() -> dict[int, tuple[int, str]]:
     return table
 
 
-def cluster_processes(temp_dir: str) -> dict[int, str]:
-    """Processes naming `temp_dir` on their command line (GCS, raylets, dashboard, monitors) and all their
-    descendants (workers, agents and the job's driver rename themselves `ray::...`)."""
+def cluster_processes(temp_dir: str, gcs_port: int | None = None) -> dict[int, str]:
+    """Processes naming `temp_dir` on their command line (GCS, raylets, dashboard, monitors) or the GCS address
+    (the Ray client server), and all their descendants (workers, agents and the job's driver rename themselves
+    `ray::...`)."""
     table = _processes()
     mine, pid = set(), os.getpid()         # this process and its ancestors may name temp_dir too: never them
     while pid in table and pid not in mine:
         mine.add(pid)
         pid = table[pid][0]
-    found = {pid for pid, (_, cmd) in table.items() if temp_dir in cmd} - mine
+    gcs = re.compile(rf"--address=\S+:{gcs_port}\b") if gcs_port else None
+    found = {pid for pid, (_, cmd) in table.items()
+             if temp_dir in cmd or (gcs is not None and "ray" in cmd and gcs.search(cmd))} - mine
     grew = True
     while grew:
         kids = {pid for pid, (ppid, _) in table.items() if ppid in found} - found
@@ -78,9 +82,9 @@ def cluster_processes(temp_dir: str) -> dict[int, str]:
     return {pid: table[pid][1] for pid in found}
 
 
-def stop_cluster(temp_dir: str, grace_s: float = 15.0) -> dict[int, str]:
+def stop_cluster(temp_dir: str, gcs_port: int | None = None, grace_s: float = 15.0) -> dict[int, str]:
     """SIGTERM the cluster's processes, SIGKILL what is left after `grace_s`; returns what still runs."""
-    procs = cluster_processes(temp_dir)
+    procs = cluster_processes(temp_dir, gcs_port)
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for pid in procs:
             try:
@@ -88,9 +92,9 @@ def stop_cluster(temp_dir: str, grace_s: float = 15.0) -> dict[int, str]:
             except ProcessLookupError:
                 pass
         deadline = time.monotonic() + grace_s
-        while time.monotonic() < deadline and cluster_processes(temp_dir):
+        while time.monotonic() < deadline and cluster_processes(temp_dir, gcs_port):
             time.sleep(0.5)
-        procs = cluster_processes(temp_dir)
+        procs = cluster_processes(temp_dir, gcs_port)
         if not procs:
             break
     return procs
@@ -214,7 +218,7 @@ def test_readme_cluster_section(tmp_path: Path) -> None:
         assert numbers(tmp_path / "job") == pytest.approx(expected, abs=0.01)
     finally:
         # README: ray stop (on every node)
-        leftovers = {**stop_cluster(worker_dir), **stop_cluster(head_dir)}
+        leftovers = {**stop_cluster(worker_dir, gcs), **stop_cluster(head_dir, gcs)}
         shutil.rmtree(head_dir, ignore_errors=True)
         shutil.rmtree(worker_dir, ignore_errors=True)
     assert not leftovers, f"still running after the cluster was stopped: {leftovers}"
