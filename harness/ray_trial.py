@@ -21,7 +21,7 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import harness.errors as errors
 from harness.errors import HarnessError
@@ -262,38 +262,34 @@ def train_worker(loop_config: dict) -> None:
         write_json(result_path(output_dir, name), result)
 
 
-def _harness_error_in(exc: BaseException) -> HarnessError | None:
-    """The user error (ConfigError, DataError, ...) behind a Ray Train failure, if any."""
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    """`exc` and every exception behind it in a Ray Train failure: causes, the controller's failure, each worker's
+    failure (Ray wraps a worker's own exception as `.cause`)."""
     seen, stack = set(), [exc]
     while stack:
         e = stack.pop()
         if e is None or id(e) in seen:
             continue
         seen.add(id(e))
-        cause = getattr(e, "cause", None)
-        if isinstance(cause, HarnessError):
-            return cause      # the worker's own exception, not Ray's wrapper (whose text is a traceback)
-        if isinstance(e, HarnessError):
-            return e
+        yield e
         stack.extend([getattr(e, "cause", None), e.__cause__, getattr(e, "controller_failure", None)])
         stack.extend((getattr(e, "worker_failures", None) or {}).values())
-    return None
+
+
+def _harness_error_in(exc: BaseException) -> HarnessError | None:
+    """The user error (ConfigError, DataError, ...) behind a Ray Train failure, if any: the worker's own
+    exception, not Ray's wrapper (whose text is a traceback)."""
+    found = [e for e in _causes(exc) if isinstance(e, HarnessError)]
+    # Ray's wrapper of a worker's exception subclasses the exception's type and holds it as `.cause`
+    own = [e for e in found if not isinstance(getattr(e, "cause", None), BaseException)]
+    return (own or found or [None])[0]
 
 
 def _startup_timeout_in(exc: BaseException) -> bool:
     """Whether a Ray Train failure is its worker group not being placed in time."""
     from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
 
-    seen, stack = set(), [exc]
-    while stack:
-        e = stack.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, WorkerGroupStartupTimeoutError):
-            return True
-        stack.extend([getattr(e, "controller_failure", None), e.__cause__, getattr(e, "cause", None)])
-    return False
+    return any(isinstance(e, WorkerGroupStartupTimeoutError) for e in _causes(exc))
 
 
 def first_line_error(exc: BaseException) -> str:

@@ -248,6 +248,17 @@ def test_a_crashing_trial_is_recorded_failed_not_interrupted(ray_session, tmp_pa
     assert any("FAILED: InjectedFault" in line for line in lines)
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_user_error_inside_a_trial_is_one_line_in_the_driver(ray_session, tmp_path, workers):
+    """What pre-flight cannot see (here an unknown backbone, raised when the worker builds the model) reaches the
+    driver as the user's own error, one line, from the trial's actor (1 worker) or a Ray Train worker (2)."""
+    from harness.errors import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        launch(digits_specs(num_workers=workers, backbone="no_such_backbone", cpus_per_worker=0.95), tmp_path)
+    assert "no_such_backbone" in str(err.value) and "\n" not in str(err.value) and "Traceback" not in str(err.value)
+
+
 def test_placement_group_of_a_dead_creator_is_removed_by_the_driver(ray_session):
     """What a Ray Train job that Tune stops leaves behind: a placement group created by an actor that is now
     dead. Ray keeps it (its lifetime is the job's); the driver's reaper frees it, and leaves live ones alone."""
