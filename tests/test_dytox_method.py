@@ -493,3 +493,13 @@ def test_throughput_script_quick_mode(tmp_path) -> None:
     assert [(r["batch"], r["tasks"]) for r in rows] == [(8, 1), (8, 3)]
     assert all(r["images_per_s_median"] > 0 for r in rows)
     assert rows[0]["teacher"] is False and rows[1]["teacher"] is True and rows[1]["div_head"] is True
+
+
+def test_aa_maps_only_the_exact_timm_string_the_harness_reproduces():
+    from harness.errors import ConfigError
+    from methods.dytox.method import DyToxMethod
+
+    aa = DyToxMethod.option_value_maps["aa"]
+    assert aa("rand-m9-mstd0.5-inc1") == "randaugment" and aa("none") == "standard"
+    with pytest.raises(ConfigError, match="rand-m9-mstd0.5-inc1"):
+        aa("rand-m9-mstd0.5")          # a different timm policy (no "increasing" ops): not silently swapped

@@ -61,11 +61,13 @@ def _dataset(value: Any) -> Any:
 
 def _augment(value: Any) -> str:
     """Original `aa` (timm auto-augment string) -> harness `augment`."""
+    from harness.data.transforms import RAND_AUGMENT
+
     if value in (None, "", "none", "None", False):
         return "standard"
-    if str(value).startswith("rand-m9-mstd0.5"):
+    if str(value) == RAND_AUGMENT:          # timm's transform of exactly this string (harness.data.transforms)
         return "randaugment"
-    raise ConfigError(f"aa {value!r}: only DyTox's 'rand-m9-mstd0.5-inc1' (augment: randaugment) or none "
+    raise ConfigError(f"aa {value!r}: only DyTox's {RAND_AUGMENT!r} (augment: randaugment) or none "
                       "(augment: standard) are implemented")
 
 
