@@ -227,6 +227,18 @@ def keep_embedded_ray_local() -> None:
     _set_ray_cluster_constant(False)
 
 
+def embedded_state_api() -> dict:
+    """ray.init arguments that let every process of an embedded Ray find its own state API (Ray Train's
+    PlacementGroupCleaner asks it whether a trial's controller is gone). Without an address Ray looks for the
+    dashboard through the last `ray start` or the GCS processes of the machine, and fails ("Found multiple active
+    Ray instances") as soon as another Ray runs there: a trial stopped early then keeps its CPUs for ever.
+    The dashboard gets a known free port, and the job's runtime env (inherited by every task and actor) names it."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return {"dashboard_port": port, "runtime_env": {"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}}}
+
+
 def _allow_multi_node() -> None:
     """Undo keep_embedded_ray_local() before joining a cluster from the same process (a loopback node IP
     would not match any node of the cluster)."""

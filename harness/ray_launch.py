@@ -76,7 +76,7 @@ def init_ray(address: str | None = None, verbose: bool = False) -> bool:
     Ray was started here (the caller shuts it down). An already initialised Ray session is reused as is.
     Joining probes the address first and picks up the cluster's token authentication (harness.cluster): a bad
     address or a missing token is one error line, not a traceback after 40 s of retries."""
-    from harness.cluster import cluster_address, join_cluster, keep_embedded_ray_local
+    from harness.cluster import cluster_address, embedded_state_api, join_cluster, keep_embedded_ray_local
 
     _quiet_driver(verbose)
     if "ray" in sys.modules and sys.modules["ray"].is_initialized():
@@ -99,7 +99,7 @@ def init_ray(address: str | None = None, verbose: bool = False) -> bool:
     # address="local": a new instance even when `ray start` runs on this machine (ray.init() would join that one).
     level = logging.INFO if verbose else logging.WARNING
     ray.init(address="local", num_cpus=os.cpu_count(), log_to_driver=verbose, logging_level=level,
-             include_dashboard=True, dashboard_host="127.0.0.1")
+             include_dashboard=True, dashboard_host="127.0.0.1", **embedded_state_api())
     return True
 
 

@@ -148,6 +148,16 @@ def assert_one_error_line(proc: subprocess.CompletedProcess, *phrases: str) -> N
         assert phrase in lines[0], lines[0]
 
 
+EMBEDDED_STATE_API = """
+import ray
+from harness.cluster import _state_api_problem
+from harness.ray_launch import init_ray
+init_ray()
+print("state API:", ray.get(ray.remote(num_cpus=0)(_state_api_problem).remote()))
+ray.shutdown()
+"""
+
+
 def test_readme_cluster_section(tmp_path: Path) -> None:
     gcs, dashboard, agent_head, agent_worker, client, metrics_a, metrics_b = free_ports(7)
     # Short paths (unix sockets live under them). Each node gets its own, as on separate machines: two nodes in
@@ -197,7 +207,11 @@ def test_readme_cluster_section(tmp_path: Path) -> None:
             "bad_token": start([*bench, "--output-dir", tmp_path / "bad_token"],
                                {**env, "RAY_ADDRESS": address, "RAY_AUTH_TOKEN_PATH": str(wrong)}),
         }
+        # An embedded Ray started meanwhile (another Ray runs on this machine: the test cluster) must still
+        # find its own state API from its workers, or Ray Train could not free a stopped trial's resources.
+        side["embedded"] = start([sys.executable, "-c", EMBEDDED_STATE_API], env)
         done = {name: finish(proc, timeout=300) for name, proc in side.items()}
+        assert check(done["embedded"], "embedded Ray next to the cluster").strip().endswith("state API: {}")
         check(done["local"], "local launcher")
         expected = numbers(tmp_path / "local")
         assert_one_error_line(done["no_token"], "token authentication", "no token was found", "RAY_AUTH_TOKEN_PATH")
