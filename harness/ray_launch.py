@@ -52,7 +52,7 @@ def ray_env(embedded: bool) -> dict[str, str]:
         "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
     }
     if embedded:
-        # One machine, no autoscaler and no dashboard: preemption watching and Prometheus metrics only cost
+        # One machine, no autoscaler, no metrics collector: preemption watching and Prometheus metrics only cost
         # an extra actor process per trial.
         env.update(RAY_TRAIN_ENABLE_PREEMPTION_WATCHER="0", RAY_TRAIN_METRICS_ENABLED="0")
     return {key: os.environ.get(key, value) for key, value in env.items()}
