@@ -30,7 +30,9 @@ ROOT = Path(__file__).resolve().parents[1]
 RAY_CLI = Path(sys.executable).with_name("ray")
 BENCH = ["run_benchmark.py", "--method", "replay", "--suite", "digits-5x2"]
 
-pytestmark = [pytest.mark.slow,
+# pytest-timeout ends a test without running its `finally`: its limit must exceed the sum of the subprocess
+# timeouts below (120 + 120 + 60 + 300 + 400 + 400 s) plus the clean-up.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1600),
               pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Ray clusters run on Linux"),
               pytest.mark.skipif(not RAY_CLI.exists(), reason=f"no ray CLI next to {sys.executable}")]
 
@@ -190,7 +192,7 @@ def test_readme_cluster_section(tmp_path: Path) -> None:
                    f"--dashboard-agent-listen-port={agent_worker}"], {**node_env, "RAY_AUTH_MODE": "token"},
                   timeout=120), "ray start --address (worker node)")
         deadline = time.monotonic() + 60
-        while alive_nodes(address, token_env) < 2:
+        while alive_nodes(address, token_env) < 2:       # each call is bounded (60 s) too
             assert time.monotonic() < deadline, "the worker node did not join within 60 s"
             time.sleep(2)
 
@@ -210,7 +212,8 @@ def test_readme_cluster_section(tmp_path: Path) -> None:
         # An embedded Ray started meanwhile (another Ray runs on this machine: the test cluster) must still
         # find its own state API from its workers, or Ray Train could not free a stopped trial's resources.
         side["embedded"] = start([sys.executable, "-c", EMBEDDED_STATE_API], env)
-        done = {name: finish(proc, timeout=300) for name, proc in side.items()}
+        until = time.monotonic() + 300       # one limit for the four together
+        done = {name: finish(proc, timeout=max(1.0, until - time.monotonic())) for name, proc in side.items()}
         assert check(done["embedded"], "embedded Ray next to the cluster").strip().endswith("state API: {}")
         check(done["local"], "local launcher")
         expected = numbers(tmp_path / "local")
@@ -220,13 +223,13 @@ def test_readme_cluster_section(tmp_path: Path) -> None:
 
         # README: RAY_ADDRESS=HEAD:6379 python run_benchmark.py ... (no RAY_AUTH_MODE: the harness detects it)
         out = check(run([*bench, "--cpus-per-worker", "1", "--output-dir", tmp_path / "address"],
-                        {**env, "RAY_ADDRESS": address}, timeout=600), "RAY_ADDRESS run")
+                        {**env, "RAY_ADDRESS": address}, timeout=400), "RAY_ADDRESS run")
         assert "Traceback" not in out
         assert numbers(tmp_path / "address") == pytest.approx(expected, abs=0.01)
 
         # README: ray job submit --address http://HEAD:8265 --working-dir . -- python run_benchmark.py ...
         job = check(run([RAY_CLI, "job", "submit", "--address", jobs, "--working-dir", ".", "--", "python", *BENCH,
-                         "--cpus-per-worker", "1", "--output-dir", tmp_path / "job"], token_env, timeout=600),
+                         "--cpus-per-worker", "1", "--output-dir", tmp_path / "job"], token_env, timeout=400),
                     "ray job submit")
         assert "succeeded" in job
         assert numbers(tmp_path / "job") == pytest.approx(expected, abs=0.01)
