@@ -346,12 +346,14 @@ def check_cluster(output_dir: str | Path, data_path: str | None = None, tracking
                             "`ray status` and that node's logs (is it overloaded, or missing this Python "
                             "environment?)")
     raise_first_problem(reports, output_dir, data_path)
+    if (warning := state_api_warning(reports)) is not None:
+        print(warning, file=sys.stderr)
     return len(reports)
 
 
 def raise_first_problem(reports: list[tuple[dict, dict]], output_dir: Path, data_path: str | None) -> None:
     """One line for the first kind of problem the nodes reported ((ray.nodes() entry, node_report) pairs)."""
-    for key in ("output_dir", "data_path", "state_api"):
+    for key in ("output_dir", "data_path"):
         bad = [(node, rep) for node, rep in reports if key in rep["problems"]]
         if not bad:
             continue
@@ -365,8 +367,19 @@ def raise_first_problem(reports: list[tuple[dict, dict]], output_dir: Path, data
         if key == "data_path":
             raise DataError(f"--data-path {data_path} {reason} on Ray node {names}: make the dataset readable at the "
                             "same path on every node (shared storage, or a copy on each)")
-        raise ResourceError(f"Ray's state API, which Ray Train needs to free a stopped trial's resources, fails on "
-                            f"Ray node {names}: {reason}")
+
+
+def state_api_warning(reports: list[tuple[dict, dict]]) -> str | None:
+    """A warning (not an error) when Ray's state API fails on some node: Ray Train's own background cleaner needs
+    it to free a stopped multi-worker trial's placement group, but the driver frees those itself
+    (harness.ray_cleanup), so runs go on; `ray list ...` and the dashboard will not work from there."""
+    bad = [(node, rep) for node, rep in reports if "state_api" in rep["problems"]]
+    if not bad:
+        return None
+    node, rep = bad[0]
+    names = _node_name(node, rep) + (f" and {len(bad) - 1} more node(s)" if len(bad) > 1 else "")
+    return (f"warning: Ray's state API fails on Ray node {names}: {rep['problems']['state_api']} (the harness frees "
+            "stopped trials' resources itself; Ray's own tools that need the state API will not work there)")
 
 
 def _check_tracking_from_driver(uri: str) -> None:
