@@ -178,6 +178,10 @@ def plan_sweep(args: argparse.Namespace, log: Callable[[str], None] = print) -> 
     preflight({**base, **space.fixed()}, output_dir=Path(args.output_dir).resolve(), launcher="ray",
               address=args.address, tracking_uri=args.tracking_uri, experiment=args.experiment,
               splits=("train",))
+    from harness.cluster import preflight_cluster    # on a cluster: join it, check shared folders on every node
+
+    preflight_cluster(args.address, Path(args.output_dir).resolve(), base.get("data_path"), args.tracking_uri,
+                      bool(base.get("download")), getattr(args, "verbose", False))
     total_tasks = num_tasks_of(base)
     k = min(args.val_tasks, total_tasks)
     if k < args.val_tasks and args.val_tasks != DEFAULT_VAL_TASKS:
