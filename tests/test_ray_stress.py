@@ -33,7 +33,6 @@ def _cli(args: list[str], env: dict | None = None, timeout: int = 300) -> subpro
 @pytest.mark.timeout(420)
 def test_three_trials_two_at_a_time_while_tune_saves_its_state_after_every_step(tmp_path):
     out = tmp_path / "out"
-    started = time.monotonic()
     run = _cli(["--method", "replay", "--suite", "digits-5x2", "--seeds", "0", "1", "2", "--output-dir", str(out),
                 "--max-concurrent-trials", "2", *TINY], env={"TUNE_GLOBAL_CHECKPOINT_S": "0"})
     assert run.returncode == 0, run.stderr[-3000:]
@@ -44,7 +43,6 @@ def test_three_trials_two_at_a_time_while_tune_saves_its_state_after_every_step(
     assert all(r["status"] == "finished" for r in results)
     states = list((out / "ray" / "_tune").glob("*/experiment_state*.json"))
     assert states, "Tune saved no experiment state"
-    assert time.monotonic() - started < 400
 
 
 @pytest.mark.timeout(300)
