@@ -83,7 +83,8 @@ def estimate_hours(config: dict, device: torch.device | str | None = None) -> fl
 
     per_class = min(TRAIN_PER_CLASS[dataset], int(config.get("train_per_class") or TRAIN_PER_CLASS[dataset]))
     memory_total = int(config.get("memory_size") or 0)
-    uses_memory = config.get("method") not in ("finetune", "joint") and (memory_total or config.get("memory_per_class"))
+    rehearsal = config.get("method") not in ("finetune", "joint")          # methods without a memory
+    uses_memory = rehearsal and bool(memory_total or config.get("memory_per_class"))
     flops = 0.0
     for t, task in enumerate(tasks):
         forward = first + (last - first) * (t / max(1, len(tasks) - 1))
@@ -118,14 +119,14 @@ def long_run_warning(config: dict, device: torch.device | str | None = None) -> 
     hours = estimate_hours(config, device)
     if math.isnan(hours) or hours <= WARN_HOURS:
         return None
-    where = select_name(device, config)
+    where = device_name(device, config)
     shown = f"{hours:,.0f} hours" if hours >= 10 else f"{hours:.1f} hours"
     return (f"warning: this benchmark is estimated to take about {shown} on {where} (a rough estimate); "
             "a suite with a `budget` (cifar10-5x2, cifar10-mini, digits-5x2), --epochs or fewer --orders/--seeds "
             "make it shorter; Ctrl-C stops it and the same command resumes it")
 
 
-def select_name(device: torch.device | str | None, config: dict) -> str:
+def device_name(device: torch.device | str | None, config: dict) -> str:
     from harness.runtime import select_device
 
     dev = device if isinstance(device, torch.device) else select_device(str(device or config.get("device") or "auto"))
