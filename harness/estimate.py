@@ -60,6 +60,7 @@ def _forward_flops(config: dict, tasks: list[TaskInfo]) -> tuple[float, float, b
 def estimate_hours(config: dict, device: torch.device | str | None = None) -> float:
     """Estimated wall-clock hours of all the trials of `config` on `device` (default: the one the run would
     pick), run one after another; nan when the data's size is unknown or the model cannot be counted."""
+    from harness.registry import get_method
     from harness.runtime import amp_dtype, select_device
     from harness.scenarios import make_increments
 
@@ -83,13 +84,13 @@ def estimate_hours(config: dict, device: torch.device | str | None = None) -> fl
 
     per_class = min(TRAIN_PER_CLASS[dataset], int(config.get("train_per_class") or TRAIN_PER_CLASS[dataset]))
     memory_total = int(config.get("memory_size") or 0)
-    rehearsal = config.get("method") not in ("finetune", "joint")          # methods without a memory
-    uses_memory = rehearsal and bool(memory_total or config.get("memory_per_class"))
+    method_cls = get_method(config["method"])
+    uses_memory = method_cls.uses_memory and bool(memory_total or config.get("memory_per_class"))
     flops = 0.0
     for t, task in enumerate(tasks):
         forward = first + (last - first) * (t / max(1, len(tasks) - 1))
         new = task.num_new_classes * per_class
-        if config.get("method") == "joint":
+        if method_cls.cumulative_data:            # joint: all the data seen so far
             new = task.num_seen_classes * per_class
         memory_now = 0
         if uses_memory:
