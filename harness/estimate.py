@@ -1,10 +1,10 @@
 """A rough wall-time estimate of a benchmark before it starts, so the driver can warn before a run of hours.
 
-Work = floating-point operations: every training image costs 3 forward passes (forward + backward), +1 when a
-frozen teacher is run on it (iCaRL, DyTox from the second task on); evaluation, herding features and class
-means cost 1 forward each. The forward cost of the method's model is counted once per benchmark on the `meta`
-device (shapes only, no memory, no data) at the first and the last task (DER grows one extractor per task) and
-interpolated between. Speed = a conservative effective throughput of the detected device (small models do not
+Work = floating-point operations: every training image costs one training step (forward + backward), plus a
+forward pass when a frozen teacher is run on it (iCaRL, DyTox from the second task on); evaluation and herding
+features cost one forward pass each. Both costs are counted once per benchmark on the `meta` device (shapes
+only, no memory, no data) at the first and the last task (DER grows one extractor per task) and interpolated
+between. Speed = a conservative effective throughput of the detected device (small models do not
 reach a device's peak). Numbers are within a factor of about 2 on the machines measured; the point is to tell
 minutes from days.
 """
@@ -21,16 +21,18 @@ TRAIN_PER_CLASS = {"cifar10": 5000, "cifar10-jpeg": 5000, "cifar10-mini": 300, "
                    "imagenet100": 1300, "imagenet1000": 1281, "digits": 144}
 TEST_PER_CLASS = {"cifar10": 1000, "cifar10-jpeg": 1000, "cifar10-mini": 100, "cifar100": 100,
                   "imagenet100": 50, "imagenet1000": 50, "digits": 36}
-# Effective FLOP/s. CPU: per torch thread, from the 2-core measurements of docs/PERFORMANCE.md and the
-# cifar10-5x2 comparison (13-60 GFLOP/s per thread depending on the model's size). GPU: a fraction of a current
-# data-centre GPU's peak, fp32 and with AMP.
-CPU_FLOPS_PER_THREAD = 2.0e10
+# Effective FLOP/s. CPU: per torch thread, from the one-thread cifar10-5x2 comparison (README: about 40 GFLOP/s
+# with data loading and evaluation; a second thread on a shared 2-core machine adds far less than that). GPU: a
+# fraction of a current data-centre GPU's peak, fp32 and with AMP.
+CPU_FLOPS_PER_THREAD = 4.0e10
 GPU_FLOPS = {"fp32": 1.0e13, "amp": 3.0e13}
 WARN_HOURS = 1.0
 
 
-def _forward_flops(config: dict, tasks: list[TaskInfo]) -> tuple[float, float, bool]:
-    """Forward FLOPs of one image at the first and at the last task, and whether a teacher runs from task 2."""
+def _flops(config: dict, tasks: list[TaskInfo]) -> tuple[tuple[float, float], tuple[float, float], bool]:
+    """(forward, training step) FLOPs of one image at the first and at the last task, and whether a teacher runs
+    from the second task on. The training step is counted for real (forward + backward on the meta device), so
+    frozen parts cost no weight gradients (DER's old extractors, DyTox's old tokens and heads)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from harness.data import dataset_info
@@ -41,10 +43,18 @@ def _forward_flops(config: dict, tasks: list[TaskInfo]) -> tuple[float, float, b
     method = get_method(config["method"])(config, torch.device("meta"))
     x = torch.empty(1, 3, size, size, device="meta")
 
-    def count() -> float:
-        with FlopCounterMode(display=False) as counter, torch.no_grad():
+    def count() -> tuple[float, float]:
+        method.model.eval()
+        with FlopCounterMode(display=False) as forward, torch.no_grad():
             method.model(x)
-        return float(counter.get_total_flops())
+        method.model.train()
+        with FlopCounterMode(display=False) as step:
+            out = method.model(x)
+            outs = [o for o in (out.values() if isinstance(out, dict) else [out])
+                    if isinstance(o, torch.Tensor) and o.requires_grad]
+            if outs:
+                sum(o.float().sum() for o in outs).backward()
+        return float(forward.get_total_flops()), float(step.get_total_flops())
 
     with torch.device("meta"):        # every module the method builds or grows: shapes only
         method.build()
@@ -78,7 +88,7 @@ def estimate_hours(config: dict, device: torch.device | str | None = None) -> fl
         tasks.append(TaskInfo(t, len(increments), tuple(range(seen, seen + inc)), seen, num_classes))
         seen += inc
     try:
-        first, last, teacher = _forward_flops(config, tasks)
+        first, last, teacher = _flops(config, tasks)
     except Exception:  # noqa: BLE001 -- an estimate must never stop a run
         return math.nan
 
@@ -88,7 +98,8 @@ def estimate_hours(config: dict, device: torch.device | str | None = None) -> fl
     uses_memory = method_cls.uses_memory and bool(memory_total or config.get("memory_per_class"))
     flops = 0.0
     for t, task in enumerate(tasks):
-        forward = first + (last - first) * (t / max(1, len(tasks) - 1))
+        share = t / max(1, len(tasks) - 1)
+        forward, step = (a + (b - a) * share for a, b in zip(first, last))
         new = task.num_new_classes * per_class
         if method_cls.cumulative_data:            # joint: all the data seen so far
             new = task.num_seen_classes * per_class
@@ -97,12 +108,13 @@ def estimate_hours(config: dict, device: torch.device | str | None = None) -> fl
             budget = memory_total or int(config["memory_per_class"]) * task.num_old_classes
             memory_now = min(budget, task.num_old_classes * per_class)
         epochs = int(config.get("base_epochs") or config["epochs"]) if t == 0 else int(config["epochs"])
-        per_image = (3 + (1 if teacher and t > 0 else 0)) * forward
+        per_image = step + (forward if teacher and t > 0 else 0.0)
         flops += epochs * (new + memory_now) * per_image
-        if t > 0:       # memory-only phases: DyTox's balanced finetuning, DER's classifier re-training
+        if t > 0:       # memory-only phases (DyTox's finetuning, DER's classifier re-training): the encoder is
+            # frozen there, so a step costs about a forward pass
             memory_after = min(memory_total or 0, task.num_seen_classes * per_class) if uses_memory else 0
             extra = int(config.get("finetuning_epochs") or 0) + int(config.get("decouple_epochs") or 0)
-            flops += extra * memory_after * 3 * forward
+            flops += extra * memory_after * forward
         flops += task.num_seen_classes * TEST_PER_CLASS[dataset] * forward     # evaluation
         if uses_memory and config.get("memory_selection") != "random":
             flops += new * forward                                              # herding features
