@@ -284,11 +284,13 @@ def run_ray(specs: list[dict], output_dir: str | Path, options: LaunchOptions | 
     return [done[s["name"]] for s in specs]
 
 
-def plan_for_grid(configs: list[dict], num_trials: int, options: LaunchOptions) -> ResourcePlan:
-    """The resource plan of a grid on the connected cluster. `num_trials` counts all the command's trials
-    (finished ones too), so a rerun gets the same plan, hence the same threads per worker."""
+def plan_for_grid(configs: list[dict], num_trials: int, options: LaunchOptions,
+                  resources: tuple[dict, dict] | None = None) -> ResourcePlan:
+    """The resource plan of a grid on `resources` (total, largest node; default: the connected cluster's).
+    `num_trials` counts all the command's trials (finished ones too), so a rerun gets the same plan, hence the
+    same threads per worker."""
     cfg = configs[0]
-    total, largest = cluster_resources()
+    total, largest = resources or cluster_resources()
     return plan_resources(total, max(int(c["num_workers"]) for c in configs), num_trials,
                           cpus_per_worker=cfg.get("cpus_per_worker"), gpus_per_worker=cfg.get("gpus_per_worker"),
                           max_concurrent=options.max_concurrent_trials, device=str(cfg.get("device", "auto")),
@@ -304,10 +306,7 @@ def preview_plan(config: dict, options: LaunchOptions, num_trials: int) -> Resou
     import torch
 
     machine = {"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}
-    return plan_resources(machine, int(config["num_workers"]), num_trials,
-                          cpus_per_worker=config.get("cpus_per_worker"), gpus_per_worker=config.get("gpus_per_worker"),
-                          max_concurrent=options.max_concurrent_trials, device=str(config.get("device", "auto")),
-                          largest_node=machine)
+    return plan_for_grid([config], num_trials, options, (machine, machine))
 
 
 def _run_grid(todo: list[dict], num_trials: int, experiment: str, output_dir: Path, options: LaunchOptions,
@@ -316,11 +315,11 @@ def _run_grid(todo: list[dict], num_trials: int, experiment: str, output_dir: Pa
 
     from harness.ray_trial import first_line_error, trainable_resources, trial_trainable
 
-    plan = plan_for_grid([s["config"] for s in todo], num_trials, options)
+    total, largest = cluster_resources()
+    plan = plan_for_grid([s["config"] for s in todo], num_trials, options, (total, largest))
     threads = todo[0]["config"].get("threads_per_worker")
     if threads:      # fixed in the trials' identity before they were named (harness.launch.resolve_threads)
         plan = replace(plan, threads_per_worker=int(threads))
-    total, _ = cluster_resources()
     embedded = not (options.address or os.environ.get("RAY_ADDRESS"))
     events.log(f"ray: {len(todo)} trial(s) on {_fmt(total.get('CPU', 0))} CPU / {_fmt(total.get('GPU', 0))} GPU: "
                f"{plan.describe()}")

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from harness.errors import ConfigError, HarnessError
+from harness.ray_cleanup import PeriodicReaper
 from harness.sweep_space import SEARCHES, SearchSpace, best_config_yaml, load_space, plain
 
 DEFAULT_EXPERIMENT = "clbench-sweeps"
@@ -279,9 +280,7 @@ class SweepDriver:
         self.closed: set[str] = set()
         self.user_error: tuple[str, str] | None = None
         self.interrupted = False          # Ctrl-C during the run (Tune stops and returns; see SweepCallback.setup)
-        from harness.ray_cleanup import PeriodicReaper
-
-        self.reaper = PeriodicReaper()
+        self.reaper = PeriodicReaper()    # placement groups of multi-worker trials ASHA stopped
 
     def spec(self, trial) -> dict:
         return trial_spec(self.sweep, trial.config, trial.trial_id)
@@ -642,16 +641,13 @@ def _fit(sweep: dict, space: SearchSpace, options, restore: bool, exp_dir: Path,
          log: Callable[[str], None] = print):
     from ray import tune
 
-    from harness.ray_launch import ray_env
-    from harness.ray_resources import cluster_resources, plan_resources
+    from harness.ray_launch import plan_for_grid, ray_env
+    from harness.ray_resources import cluster_resources
     from harness.ray_trial import trainable_resources
 
     base = sweep["base"]
     total, largest = cluster_resources()
-    plan = plan_resources(total, int(base["num_workers"]), sweep["num_trials"],
-                          cpus_per_worker=base.get("cpus_per_worker"), gpus_per_worker=base.get("gpus_per_worker"),
-                          max_concurrent=options.max_concurrent_trials, device=str(base.get("device", "auto")),
-                          largest_node=largest)
+    plan = plan_for_grid([base], sweep["num_trials"], options, (total, largest))
     embedded = not (options.address or os.environ.get("RAY_ADDRESS"))
     log(f"ray: {_fmt_cpus(total)}: {plan.describe()}")
     setup = {"output_dir": sweep["sweep_dir"], "plan": asdict(plan), "max_failures": int(options.max_failures),
