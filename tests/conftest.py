@@ -2,6 +2,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("CLBENCH_SHARED_DATA", ROOT.parent / "shared" / "data"))
@@ -13,3 +14,13 @@ def shared_data_dir() -> Path:
     if not (SHARED_DATA / "cifar10-jpeg.zip").is_file():
         pytest.skip(f"real data not found: {SHARED_DATA}/cifar10-jpeg.zip (set CLBENCH_SHARED_DATA)")
     return SHARED_DATA
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One intra-op thread for the test (restored after): small tensors on a shared 2-core machine run several
+    times faster than with two, and timings measured with one thread are compared with one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

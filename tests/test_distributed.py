@@ -6,15 +6,12 @@ all-reduce sums gradients in another order), and herding amplifies tiny feature 
 late in a class. Given the same weights, the selection must be identical; this is what is checked here."""
 from __future__ import annotations
 
-import os
-import socket
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from gloo_ranks import on_two_gloo_ranks
 from harness.backbones import build_backbone
 from harness.data import ArrayData, TaskDataset, build_transform, dataset_info
 from harness.evaluation import compute_features
@@ -28,39 +25,21 @@ def _data() -> ArrayData:
     return ArrayData(x, np.arange(75) % 3, ["a", "b", "c"])
 
 
-def _select(ctx: RuntimeContext) -> tuple[list[list[int]], torch.Tensor]:
+def _select(ctx: RuntimeContext) -> dict:
     torch.manual_seed(0)
     model = build_backbone("resnet32").eval()
     data = _data()
     feats = compute_features(model, model, TaskDataset(data, build_transform(dataset_info("cifar10"), train=False)), ctx, batch=16)
     memory = RehearsalMemory(memory_size=30, selection="herding")
     memory.update(data.x, data.y, feats, num_seen_classes=3)
-    return [memory.selected_indices(c) for c in memory.classes], feats
-
-
-def _worker(rank: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        picks, feats = _select(RuntimeContext(rank=rank, world_size=2, progress=False))
-        torch.save({"picks": picks, "features": feats}, Path(out) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return {"picks": [memory.selected_indices(c) for c in memory.classes], "features": feats}
 
 
 def test_two_gloo_ranks_select_the_same_memory_as_one_process(tmp_path: Path) -> None:
     torch.set_num_threads(1)
-    single_picks, single_feats = _select(RuntimeContext(progress=False))
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
-    for rank in (0, 1):
-        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+    single = _select(RuntimeContext(progress=False))
+    single_picks, single_feats = single["picks"], single["features"]
+    for got in on_two_gloo_ranks(_select, tmp_path):
         assert got["features"].shape == single_feats.shape == (75, 64)
         torch.testing.assert_close(got["features"], single_feats, rtol=1e-5, atol=1e-6)   # gathered in order
         assert got["picks"] == single_picks                         # every rank keeps the same memory

@@ -5,19 +5,12 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
 
 import harness.estimate as estimate
 from harness.config import resolve_config
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The threads the comparison below was measured with."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")   # tests/conftest.py
 
 
 def test_work_counted_by_hand(monkeypatch) -> None:

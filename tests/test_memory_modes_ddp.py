@@ -4,16 +4,13 @@ memory and the erratum's distributed memory emulated with virtual shards (whose 
 number of real workers)."""
 from __future__ import annotations
 
-import os
-import socket
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from gloo_ranks import on_two_gloo_ranks
 from harness.backbones import build_backbone
 from harness.data import ArrayData, TaskDataset, build_transform, dataset_info
 from harness.evaluation import compute_features
@@ -39,29 +36,12 @@ def _memories(ctx: RuntimeContext) -> dict[str, list[list[list[int]]]]:
     return out
 
 
-def _worker(rank: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        torch.save(_memories(RuntimeContext(rank=rank, world_size=2, progress=False)), Path(out) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow          # two spawned gloo processes: about a minute on 2 shared cores
 def test_one_and_two_workers_hold_the_same_memory_in_both_modes(tmp_path: Path) -> None:
     torch.set_num_threads(1)
     single = _memories(RuntimeContext(progress=False))
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
-    for rank in (0, 1):
-        assert torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) == single
+    for got in on_two_gloo_ranks(_memories, tmp_path):
+        assert got == single
     # global: one list of 8 per class; distributed: 2 shards of 4 (4 shards of 2), all distinct
     assert [[len(s) for s in c] for c in single["global"]] == [[8]] * 3
     assert [[len(s) for s in c] for c in single["distributed"]] == [[4, 4]] * 3

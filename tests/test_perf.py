@@ -33,13 +33,7 @@ PERF = ROOT / "benchmarks" / "perf"
 CIFAR = DatasetInfo("c", 10, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small tensors on a shared 2-core machine: one intra-op thread is several times faster than two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")   # tests/conftest.py
 
 
 def _images(n: int, size: int = 32, seed: int = 0) -> torch.Tensor:
