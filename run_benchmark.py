@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
 from harness.errors import ConfigError, HarnessError, ResourceError  # noqa: E402
-from harness.preflight import OneLineParser  # noqa: E402
+from harness.run.preflight import OneLineParser  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def overrides_from_args(args: argparse.Namespace, config_defaults: dict) -> dict:
-    from harness.config import parse_value
+    from harness.config.compose import parse_value
 
     out = {"data_path": str(Path(args.data_path).resolve()) if args.data_path else None,
            "download": True if args.download else None, "batch_size": args.batch_size,
@@ -138,7 +138,7 @@ def apply_epochs(config: dict, epochs: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == "sweep":     # `run_benchmark.py sweep ...`: hyper-parameter sweeps (docs/SWEEPS.md)
-        from harness.sweep import main as sweep_main
+        from harness.sweep.driver import main as sweep_main
 
         try:
             return sweep_main(argv[1:])
@@ -147,12 +147,12 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
             return 130
     if argv and argv[0] in ("report", "leaderboard"):   # leaderboard from any MLflow store (docs/TRACKING.md)
-        from harness.report import main as report_main
+        from harness.tracking.report import main as report_main
 
         return report_main(argv[1:])
     args = build_parser().parse_args(argv)
-    from harness.config import compose_config, list_suites
-    from harness.registry import get_method, list_methods
+    from harness.config.compose import compose_config, list_suites
+    from harness.config.catalog import get_method, list_methods
 
     if args.list_methods:
         for name in list_methods():
@@ -160,17 +160,19 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:12s} {doc[0] if doc else ''}")
         return 0
     if args.list_suites:
-        from harness.config import load_suite
+        from harness.config.compose import load_suite
         for name in list_suites():
             print(f"{name:24s} {load_suite(name).get('description', '')}")
         return 0
     if not args.method or not args.suite:
         raise ConfigError("--method and --suite are required (see --list-methods, --list-suites)")
 
-    from harness.launch import LaunchOptions, TrialEvents, launch, resolve_threads
-    from harness.preflight import preflight
-    from harness.results import summary_table, to_markdown
-    from harness.trials import expand_trials, fix_identity
+    from harness.run.events import LaunchOptions, TrialEvents
+
+    from harness.run.launch import launch, resolve_threads
+    from harness.run.preflight import preflight
+    from harness.run.results import summary_table, to_markdown
+    from harness.config.identity import expand_trials, fix_identity
 
     # Pre-flight: every check of the input before anything is written (no output folder, MLflow store or Ray).
     check_flags(args)
@@ -183,11 +185,11 @@ def main(argv: list[str] | None = None) -> int:
     config["output_dir"] = str(output_dir)
     preflight(config, origins, output_dir=output_dir, launcher=args.launcher, address=args.address,
               tracking_uri=args.tracking_uri, tracking=not args.no_tracking, experiment=args.experiment)
-    from harness.estimate import long_run_warning
+    from harness.run.estimate import long_run_warning
     if (warning := long_run_warning(config)) is not None:     # estimated > 1 hour on this machine's device
         print(warning, file=sys.stderr)
     if args.launcher == "ray":   # on a cluster: join it, check shared folders and state API on every node
-        from harness.cluster import preflight_cluster
+        from harness.run.cluster import preflight_cluster
 
         preflight_cluster(args.address, output_dir, config.get("data_path"),
                           None if args.no_tracking else args.tracking_uri, bool(config.get("download")), args.verbose)
@@ -203,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     with os_errors_as_one_line(output_dir):
         tracker = None
         if not args.no_tracking:    # the store was checked above; this creates it and the benchmark's parent run
-            from harness.tracking import BenchmarkTracker
+            from harness.tracking.trackers import BenchmarkTracker
 
             tracker = BenchmarkTracker.for_benchmark(args.tracking_uri, output_dir, config, specs,
                                                      experiment=args.experiment)
@@ -221,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         board = tracker.end_benchmark(results, specs) if tracker is not None else None
         print()
         if board is not None and not board.empty:
-            from harness.report import to_markdown as board_markdown, write_leaderboard
+            from harness.tracking.report import to_markdown as board_markdown, write_leaderboard
 
             csv_path, md_path = write_leaderboard(board, output_dir)
             print(board_markdown(board))

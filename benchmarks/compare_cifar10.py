@@ -52,7 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def overrides_for(method: str, args: argparse.Namespace) -> dict:
-    from harness.config import parse_value
+    from harness.config.compose import parse_value
     from harness.errors import ConfigError
 
     out: dict = {}
@@ -135,9 +135,9 @@ def to_markdown(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from harness.config import resolve_config
-    from harness.launch import run_local
-    from harness.trials import expand_trials
+    from harness.config.compose import resolve_config
+    from harness.run.local import run_local
+    from harness.config.identity import expand_trials
 
     if args.threads:
         import torch

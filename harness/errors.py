@@ -19,3 +19,11 @@ class ResourceError(HarnessError):
 
 class CheckpointError(HarnessError):
     """A checkpoint that cannot be read."""
+
+
+def one_line(text: object, limit: int | None = None) -> str:
+    """`text` (an exception's message, a server's reply) as one line, cut at a word before `limit` characters."""
+    flat = " ".join(str(text).split())
+    if limit is not None and len(flat) > limit:
+        flat = flat[:limit].rsplit(" ", 1)[0] + " ..."
+    return flat

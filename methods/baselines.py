@@ -1,5 +1,5 @@
 """Lower and upper bounds: finetune (no memory), replay (random memory), joint (all data seen so far)."""
-from harness.registry import register_method
+from harness.core.registry import register_method
 from methods.common import IncrementalNetMethod
 
 

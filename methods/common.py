@@ -5,8 +5,8 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from harness.backbones import build_backbone
-from harness.method import Method, PhaseConfig, TaskInfo
+from harness.core.backbones import build_backbone
+from harness.core.method import Method, PhaseConfig, TaskInfo
 
 
 class IncrementalNet(nn.Module):

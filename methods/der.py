@@ -27,10 +27,10 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from harness.backbones import build_backbone
+from harness.core.backbones import build_backbone
 from harness.errors import ConfigError
-from harness.method import Method, PhaseConfig, TaskInfo
-from harness.registry import register_method
+from harness.core.method import Method, PhaseConfig, TaskInfo
+from harness.core.registry import register_method
 
 DECOUPLE = "decouple"
 # DER's own options when a config lacks them: the values of benchmarks/recipes/der/default.yaml (one place).

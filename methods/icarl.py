@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from harness.errors import ConfigError
-from harness.method import PhaseConfig, TaskInfo
-from harness.registry import register_method
+from harness.core.method import PhaseConfig, TaskInfo
+from harness.core.registry import register_method
 from methods.common import IncrementalNetMethod
 from methods.losses import icarl_bce_loss, icarl_kd_loss
 

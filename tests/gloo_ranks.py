@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from harness.runtime import RuntimeContext
+from harness.core.runtime import RuntimeContext
 
 
 def free_port() -> int:

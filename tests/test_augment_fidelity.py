@@ -126,9 +126,9 @@ def test_per_image_copies_on_different_ranks_get_different_augmentations() -> No
     streams for the phase, so the copies of an image that repeated augmentation sends to two ranks are
     augmented differently by the per-image path too (timm's RandAugment draws from numpy and Python)."""
     from harness.data import ArrayData, TaskDataset
-    from harness.loop import train_phase
-    from harness.method import Method, PhaseConfig, TaskInfo
-    from harness.runtime import RuntimeContext, seed_everything
+    from harness.core.loop import train_phase
+    from harness.core.method import Method, PhaseConfig, TaskInfo
+    from harness.core.runtime import RuntimeContext, seed_everything
 
     class Record(Method):
         def __init__(self) -> None:

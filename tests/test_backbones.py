@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harness.backbones import BasicBlock, ZeroPadShortcut, build_backbone
+from harness.core.backbones import BasicBlock, ZeroPadShortcut, build_backbone
 from harness.errors import ConfigError
 
 

@@ -1,4 +1,4 @@
-"""Joining a Ray cluster (harness.cluster): bad addresses are one line within seconds, what each node reports
+"""Joining a Ray cluster (harness.run.cluster): bad addresses are one line within seconds, what each node reports
 for the multi-node checks, and an embedded Ray that listens on 127.0.0.1 only. The README's cluster section
 itself runs in tests/test_cluster_readme.py (slow)."""
 from __future__ import annotations
@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from harness.cluster import node_report, parse_address, prepare_connection, raise_first_problem
+from harness.run.cluster import node_report, raise_first_problem
+from harness.run.ray_session import parse_address, prepare_connection
 from harness.errors import ConfigError, DataError, ResourceError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,7 +127,7 @@ LISTENERS = r"""
 import os, sys
 from pathlib import Path
 sys.path.insert(0, sys.argv[1])
-from harness.ray_launch import init_ray
+from harness.run.ray_session import init_ray
 init_ray()
 import ray
 ray.get(ray.remote(lambda: 1).remote())       # a worker process too

@@ -152,10 +152,10 @@ def assert_one_error_line(proc: subprocess.CompletedProcess, *phrases: str) -> N
 
 EMBEDDED_STATE_API = """
 import ray
-from harness.cluster import _state_api_problem
-from harness.ray_launch import init_ray
+from harness.run.cluster import state_api_problem
+from harness.run.ray_session import init_ray
 init_ray()
-print("state API:", ray.get(ray.remote(num_cpus=0)(_state_api_problem).remote()))
+print("state API:", ray.get(ray.remote(num_cpus=0)(state_api_problem).remote()))
 ray.shutdown()
 """
 

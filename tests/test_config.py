@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from harness.config import load_yaml, resolve_config
+from harness.config.compose import load_yaml, resolve_config
 from harness.errors import ConfigError
-from harness.trials import expand_trials
+from harness.config.identity import expand_trials
 from run_benchmark import apply_epochs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,12 +100,12 @@ def test_cli_lists_and_rejects_bad_input_in_one_line():
                                                + out.stderr.split("available: ")[1].strip()]
 
 
-# ---- the option schema (harness.option_schema) and the pre-flight's scenario checks ----------------------------
+# ---- the option schema (harness.config.schema) and the pre-flight's scenario checks ----------------------------
 def test_every_shipped_suite_method_and_recipe_passes_the_schema():
     """A schema entry that is too strict would reject a shipped recipe: every combination is checked."""
-    from harness.config import compose_config, list_suites
-    from harness.preflight import check_config, check_scenario
-    from harness.registry import list_methods
+    from harness.config.compose import compose_config, list_suites
+    from harness.run.preflight import check_config, check_scenario
+    from harness.config.catalog import list_methods
 
     for suite in list_suites():
         for method in list_methods():
@@ -116,7 +116,7 @@ def test_every_shipped_suite_method_and_recipe_passes_the_schema():
 
 
 def test_schema_types_follow_yaml():
-    from harness.option_schema import check_options
+    from harness.config.schema import check_options
 
     defaults = {"lr": 0.1, "epochs": 1}
     check_options({"lr": 1, "epochs": 3}, defaults)                 # an int where a number is expected is fine
@@ -127,7 +127,7 @@ def test_schema_types_follow_yaml():
 
 def test_a_new_option_without_a_schema_entry_is_checked_against_its_default():
     """Others add keys to defaults.yaml: the type of the default value is the check until an entry exists."""
-    from harness.option_schema import SCHEMA, check_options
+    from harness.config.schema import SCHEMA, check_options
 
     defaults = {"brand_new_interval_s": 30, "brand_new_mode": "fast", "brand_new_flag": False, "brand_new_any": None}
     assert not set(defaults) & set(SCHEMA)
@@ -139,8 +139,8 @@ def test_a_new_option_without_a_schema_entry_is_checked_against_its_default():
 
 
 def test_error_line_names_the_file_the_value_came_from(tmp_path):
-    from harness.config import compose_config
-    from harness.preflight import check_config
+    from harness.config.compose import compose_config
+    from harness.run.preflight import check_config
 
     opts = tmp_path / "mine.yaml"
     opts.write_text("momentum: [0.9]\n")
@@ -151,8 +151,8 @@ def test_error_line_names_the_file_the_value_came_from(tmp_path):
 
 
 def test_orders_and_seeds_must_be_distinct():
-    from harness.config import compose_config
-    from harness.preflight import check_scenario
+    from harness.config.compose import compose_config
+    from harness.run.preflight import check_scenario
 
     config, _ = compose_config("replay", "digits-5x2", overrides={"orders": ["natural", "seed3"], "seeds": [0, 7]})
     assert len(check_scenario(config)) == 2
@@ -168,16 +168,16 @@ def test_a_method_option_without_a_schema_entry_is_checked_against_the_method_de
     """A key a method recipe adds (not in defaults.yaml, no schema entry) is checked against the recipe's value."""
     import shutil
 
-    import harness.config
-    from harness.config import compose_config
-    from harness.preflight import check_config
+    import harness.config.compose
+    from harness.config.compose import compose_config
+    from harness.run.preflight import check_config
 
     recipes = tmp_path / "recipes"
     shutil.copytree(ROOT / "benchmarks" / "recipes", recipes)
     with open(recipes / "der" / "default.yaml", "a") as f:
         f.write("\nbrand_new_der_weight: 0.5\n")
-    monkeypatch.setattr(harness.config, "RECIPES_DIR", recipes)
-    monkeypatch.setattr(harness.config, "ROOT", tmp_path)      # recipe files are named relative to it
+    monkeypatch.setattr(harness.config.compose, "RECIPES_DIR", recipes)
+    monkeypatch.setattr(harness.config.compose, "ROOT", tmp_path)      # recipe files are named relative to it
     opts = tmp_path / "o.yaml"
     opts.write_text("brand_new_der_weight: [not, a, number]\n")
     config, origins = compose_config("der", "digits-5x2", [str(opts)])

@@ -17,14 +17,14 @@ import pytest
 import torch
 from PIL import Image
 
-from harness.config import resolve_config
+from harness.config.compose import resolve_config
 from harness.data import TaskDataset, check_dataset, dataset_info, load_dataset
 from harness.errors import CheckpointError, ConfigError, DataError
-from harness.launch import run_local
-from harness.results import read_result, result_path
-from harness.tracking import check_sqlite_store
-from harness.trial import latest_checkpoint, load_checkpoint
-from harness.trials import expand_trials
+from harness.run.local import run_local
+from harness.run.results import read_result, result_path
+from harness.tracking.store import check_sqlite_store
+from harness.run.trial import latest_checkpoint, load_checkpoint
+from harness.config.identity import expand_trials
 
 ROOT = Path(__file__).resolve().parents[1]
 RNG = np.random.default_rng(0)

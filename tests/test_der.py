@@ -5,10 +5,10 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from harness.backbones import build_backbone
-from harness.loop import train_phase
-from harness.method import PhaseConfig, TaskInfo
-from harness.runtime import RuntimeContext
+from harness.core.backbones import build_backbone
+from harness.core.loop import train_phase
+from harness.core.method import PhaseConfig, TaskInfo
+from harness.core.runtime import RuntimeContext
 from methods.der import DER, DERNet, aux_targets
 
 
@@ -225,7 +225,7 @@ def test_der_state_survives_a_regrown_model():
 
 # ---- real runs on scikit-learn digits ------------------------------------------------------------------------
 def _digits(**kw):
-    from harness.config import resolve_config
+    from harness.config.compose import resolve_config
     overrides = {"backbone": "tiny_cnn", "epochs": 4, "base_epochs": 4, "batch_size": 32, "lr": 0.05,
                  "incremental_lr": 0.05, "augment": "none"}
     overrides.update(kw)
@@ -234,8 +234,8 @@ def _digits(**kw):
 
 @pytest.mark.parametrize("variant,floor", [("plain", 40), ("decouple", 40), ("weight_align", 25)])
 def test_der_runs_on_real_digits(tmp_path, variant, floor):
-    from harness.launch import run_local
-    from harness.trials import expand_trials
+    from harness.run.local import run_local
+    from harness.config.identity import expand_trials
     cfg = _digits(decouple_epochs=4 if variant == "decouple" else 0, decouple_milestones=[], decouple_batch_size=16,
                   weight_align=variant == "weight_align")
     (result,) = run_local(expand_trials(cfg), tmp_path, log=lambda s: None, progress=False)
@@ -251,8 +251,8 @@ def test_der_runs_on_real_digits(tmp_path, variant, floor):
 
 
 def test_der_resume_matches_uninterrupted_run(tmp_path):
-    from harness.launch import run_local
-    from harness.trials import expand_trials
+    from harness.run.local import run_local
+    from harness.config.identity import expand_trials
     kw = dict(epochs=2, base_epochs=2, decouple_epochs=1, decouple_milestones=[])
     clean = run_local(expand_trials(_digits(**kw)), tmp_path / "a", log=lambda s: None, progress=False)[0]
     cfg = _digits(fault_at_task=2, **kw)
@@ -267,7 +267,7 @@ def test_der_resume_matches_uninterrupted_run(tmp_path):
 def test_code_defaults_equal_the_recipe_defaults_and_pycil_milestones():
     """One value per option: what DER falls back to when a key is absent is what recipes/der/default.yaml says,
     and that file is PyCIL's DER (milestones [80, 120, 150], not iCaRL's [80, 120])."""
-    from harness.config import RECIPES_DIR, load_yaml
+    from harness.config.compose import RECIPES_DIR, load_yaml
     from methods.der import DEFAULTS
 
     recipe = load_yaml(RECIPES_DIR / "der" / "default.yaml")

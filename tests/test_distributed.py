@@ -12,11 +12,11 @@ import numpy as np
 import torch
 
 from gloo_ranks import on_two_gloo_ranks
-from harness.backbones import build_backbone
+from harness.core.backbones import build_backbone
 from harness.data import ArrayData, TaskDataset, build_transform, dataset_info
-from harness.evaluation import compute_features
-from harness.memory import RehearsalMemory
-from harness.runtime import RuntimeContext
+from harness.core.evaluation import compute_features
+from harness.core.memory import RehearsalMemory
+from harness.core.runtime import RuntimeContext
 
 
 def _data() -> ArrayData:

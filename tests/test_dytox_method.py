@@ -16,13 +16,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from harness.config import resolve_config
+from harness.config.compose import resolve_config
 from harness.data import ArrayData, TaskDataset
 from harness.errors import ConfigError
-from harness.loop import train_phase
-from harness.method import PhaseConfig, TaskInfo
-from harness.registry import get_method
-from harness.runtime import RuntimeContext
+from harness.core.loop import train_phase
+from harness.core.method import PhaseConfig, TaskInfo
+from harness.config.catalog import get_method
+from harness.core.runtime import RuntimeContext
 from methods.dytox.losses import (auto_kd_weight, bce_loss, divergence_targets, dytox_loss, hard_targets,
                                   kd_loss)
 from methods.dytox.method import BatchMixup, DyToxMethod
@@ -100,7 +100,7 @@ def test_registered_with_presets_as_recipes() -> None:
 
 
 def test_cifar100_recipe_values() -> None:
-    from harness.method import finetuning_phase_from_config, phase_from_config
+    from harness.core.method import finetuning_phase_from_config, phase_from_config
 
     c = resolve_config("dytox", "cifar100")
     main = phase_from_config(c, 0)
@@ -450,8 +450,8 @@ def _digits(**kw) -> dict:
 
 
 def test_two_task_run_on_real_digits_learns_both_tasks(tmp_path) -> None:
-    from harness.launch import run_local
-    from harness.trials import expand_trials
+    from harness.run.local import run_local
+    from harness.config.identity import expand_trials
 
     (result,) = run_local(expand_trials(_digits()), tmp_path, log=lambda s: None, progress=False)
     assert result["status"] == "finished", result.get("error")
@@ -466,8 +466,8 @@ def test_two_task_run_on_real_digits_learns_both_tasks(tmp_path) -> None:
 
 def test_resume_after_the_first_task_matches_an_uninterrupted_run(tmp_path) -> None:
     """The teacher of task 2 is rebuilt from the loaded weights: resumed == uninterrupted."""
-    from harness.launch import run_local
-    from harness.trials import expand_trials
+    from harness.run.local import run_local
+    from harness.config.identity import expand_trials
 
     fast = {"epochs": 2, "base_epochs": 2, "finetuning_epochs": 2, "mixup": 0.8}
     clean = run_local(expand_trials(_digits(**fast)), tmp_path / "a", log=lambda s: None, progress=False)[0]

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from harness.config import resolve_config
-from harness.launch import run_local
-from harness.trials import expand_trials
+from harness.config.compose import resolve_config
+from harness.run.local import run_local
+from harness.config.identity import expand_trials
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-import harness.estimate as estimate
-from harness.config import resolve_config
+import harness.run.estimate as estimate
+from harness.config.compose import resolve_config
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")   # tests/conftest.py
@@ -35,7 +35,7 @@ def test_work_counted_by_hand(monkeypatch) -> None:
 def test_training_steps_are_counted_with_their_frozen_parts() -> None:
     """A real count on the meta device: a step of a plain CNN is about 3 forward passes; DER's at the last of 5
     tasks far less (4 of its 5 extractors are frozen: no weight gradients, no backward below them)."""
-    from harness.method import TaskInfo
+    from harness.core.method import TaskInfo
 
     tasks = [TaskInfo(t, 5, (2 * t, 2 * t + 1), 2 * t, 10) for t in range(5)]
     (fwd, step), _, teacher = estimate._flops(resolve_config("replay", "cifar10-5x2"), tasks)

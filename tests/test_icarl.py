@@ -8,10 +8,10 @@ import torch
 from torch import nn
 
 from harness.data import ArrayData, DatasetInfo, build_transform
-from harness.memory import RehearsalMemory
-from harness.method import PhaseConfig, TaskInfo
-from harness.runtime import RuntimeContext
-from harness.trial import TrialTools
+from harness.core.memory import RehearsalMemory
+from harness.core.method import PhaseConfig, TaskInfo
+from harness.core.runtime import RuntimeContext
+from harness.run.trial import TrialTools
 from methods.common import IncrementalNet
 from methods.icarl import ICaRL, class_means, nme_scores
 from methods.losses import icarl_bce_loss, icarl_kd_loss, kd_loss
@@ -129,7 +129,7 @@ def test_nme_flip_false_means_use_the_image_alone_as_pycil():
 
 
 def test_cifar100_pycil_recipe_is_pycils_protocol():
-    from harness.config import resolve_config
+    from harness.config.compose import resolve_config
 
     pycil = resolve_config("icarl", "cifar100-seed1993", recipe="cifar100_pycil")
     assert (pycil["resnet_shortcut"], pycil["normalize"], pycil["nme_flip"]) == ("zero_pad", "pycil", False)
@@ -223,7 +223,7 @@ def test_class_means_survive_a_checkpoint_and_a_regrown_model():
 
 # ---- real runs on scikit-learn digits ------------------------------------------------------------------------
 def _digits(loss: str, **kw):
-    from harness.config import resolve_config
+    from harness.config.compose import resolve_config
     overrides = {"backbone": "tiny_cnn", "epochs": 4, "base_epochs": 4, "batch_size": 32, "lr": 0.05,
                  "incremental_lr": 0.05, "augment": "none", "icarl_loss": loss}
     if loss == "bce":
@@ -235,8 +235,8 @@ def _digits(loss: str, **kw):
 
 @pytest.mark.parametrize("loss", ["kd", "bce"])
 def test_icarl_runs_on_real_digits(tmp_path, loss):
-    from harness.launch import run_local
-    from harness.trials import expand_trials
+    from harness.run.local import run_local
+    from harness.config.identity import expand_trials
     (result,) = run_local(expand_trials(_digits(loss)), tmp_path, log=lambda s: None, progress=False)
     assert result["status"] == "finished", result.get("error")
     metrics = result["metrics"]
@@ -248,8 +248,8 @@ def test_icarl_runs_on_real_digits(tmp_path, loss):
 
 
 def test_icarl_resume_matches_uninterrupted_run(tmp_path):
-    from harness.launch import run_local
-    from harness.trials import expand_trials
+    from harness.run.local import run_local
+    from harness.config.identity import expand_trials
     clean = run_local(expand_trials(_digits("kd", epochs=2, base_epochs=2)), tmp_path / "a", log=lambda s: None,
                       progress=False)[0]
     cfg = _digits("kd", epochs=2, base_epochs=2, fault_at_task=2)

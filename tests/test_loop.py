@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from harness.data import ArrayData, TaskDataset
-from harness.loop import GlobalBatchSampler, build_optimizer, train_phase, weight_decay_groups
-from harness.method import Method, PhaseConfig, TaskInfo
-from harness.runtime import RuntimeContext
+from harness.core.loop import GlobalBatchSampler, build_optimizer, train_phase, weight_decay_groups
+from harness.core.method import Method, PhaseConfig, TaskInfo
+from harness.core.runtime import RuntimeContext
 
 
 def _global_batches(n, batch, world, epoch=0, repeats=1):

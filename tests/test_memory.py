@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from harness.errors import CheckpointError, ConfigError
-from harness.memory import RehearsalMemory, closest_to_mean_select, herding_select, random_select
+from harness.core.memory import RehearsalMemory, closest_to_mean_select, herding_select, random_select
 
 # Five unit vectors in 2-D (exact decimals so the hand computation below is exact enough).
 FIVE = np.array([[1.0, 0.0], [0.8, 0.6], [0.6, 0.8], [0.0, 1.0], [-0.6, 0.8]])
@@ -277,7 +277,7 @@ def _two_classes(n: int = 40, dims: int = 5) -> tuple[np.ndarray, np.ndarray, to
 
 
 def test_distributed_memory_herds_each_shard_from_its_own_share() -> None:
-    from harness.memory import shard_split
+    from harness.core.memory import shard_split
 
     x, y, f = _two_classes()
     memory = RehearsalMemory(memory_size=40, placement="distributed", shards=2, seed=5)

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from gloo_ranks import on_two_gloo_ranks
-from harness.backbones import build_backbone
+from harness.core.backbones import build_backbone
 from harness.data import ArrayData, TaskDataset, build_transform, dataset_info
-from harness.evaluation import compute_features
-from harness.memory import RehearsalMemory
-from harness.runtime import RuntimeContext
+from harness.core.evaluation import compute_features
+from harness.core.memory import RehearsalMemory
+from harness.core.runtime import RuntimeContext
 
 MODES = {"global": dict(placement="global"), "distributed": dict(placement="distributed", shards=2),
          "distributed4": dict(placement="distributed", shards=4)}

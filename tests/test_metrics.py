@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from harness.metrics import ContinualMetrics, topk_correct
+from harness.core.metrics import ContinualMetrics, topk_correct
 
 SIZES = [10, 20, 5]                       # test samples of tasks 0, 1, 2 (unequal: sample weighting matters)
 # CORRECT[i][j]: correct predictions on task j's samples after training task i.

@@ -19,14 +19,14 @@ import torch
 from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as F
 
-from harness.backbones import build_backbone, prefers_channels_last
+from harness.core.backbones import build_backbone, prefers_channels_last
 from harness.data import ArrayData, DatasetInfo, TaskDataset, build_transform, dataset_info
 from harness.data.transforms import TimmRandAugment
 from harness.data.batched import (build_batched_transform, crop_flip, hflip, normalize, random_crop_params,
                                   resolve_batched_augment)
-from harness.loop import resolve_channels_last, train_phase
-from harness.method import PhaseConfig, TaskInfo
-from harness.runtime import RuntimeContext
+from harness.core.loop import resolve_channels_last, train_phase
+from harness.core.method import PhaseConfig, TaskInfo
+from harness.core.runtime import RuntimeContext
 
 ROOT = Path(__file__).resolve().parents[1]
 PERF = ROOT / "benchmarks" / "perf"
@@ -257,7 +257,7 @@ class _TinyMethod:
     """Just enough of a Method for train_phase: a TinyCNN classifier trained with cross-entropy."""
 
     def __init__(self) -> None:
-        from harness.backbones import TinyCNN
+        from harness.core.backbones import TinyCNN
 
         torch.manual_seed(0)
         self.model = torch.nn.Sequential(TinyCNN(4), torch.nn.Linear(8, 2))
@@ -305,7 +305,7 @@ def test_repeated_copies_on_different_ranks_get_different_augmentations() -> Non
         method = _TinyMethod()
         method.training_step = lambda batch, task, phase, m=method, r=rank: (
             inputs.setdefault(r, batch[0].clone()), m.model(batch[0]).sum() * 0)[1]
-        sampler_batches = list(__import__("harness.loop", fromlist=["GlobalBatchSampler"]).GlobalBatchSampler(
+        sampler_batches = list(__import__("harness.core.loop", fromlist=["GlobalBatchSampler"]).GlobalBatchSampler(
             8, 8, rank, 2, seed=0 + 7919 * 0 + __import__("zlib").crc32(b"train") % 997, repeats=2))
         images[rank] = sampler_batches[0]
         train_phase(method, TaskDataset(data, None), phase, TaskInfo(0, 1, (0, 1), 0, 2),
@@ -315,9 +315,9 @@ def test_repeated_copies_on_different_ranks_get_different_augmentations() -> Non
 
 
 def test_trial_runs_with_every_speed_option(tmp_path: Path) -> None:
-    from harness.config import resolve_config
-    from harness.launch import run_local
-    from harness.trials import expand_trials
+    from harness.config.compose import resolve_config
+    from harness.run.local import run_local
+    from harness.config.identity import expand_trials
 
     results = {}
     for name, opts in {"plain": {"batched_augment": False, "channels_last": False},

@@ -34,11 +34,12 @@ from torch import nn
 
 ray = pytest.importorskip("ray")
 
-from harness.config import resolve_config  # noqa: E402
+from harness.config.compose import resolve_config  # noqa: E402
 from harness.errors import ResourceError  # noqa: E402
-from harness.launch import LaunchOptions, TrialEvents  # noqa: E402
-from harness.ray_launch import plan_resources, run_ray  # noqa: E402
-from harness.trials import expand_trials  # noqa: E402
+from harness.run.events import LaunchOptions
+from harness.run.events import TrialEvents  # noqa: E402
+from harness.run.ray_grid import plan_resources, run_ray  # noqa: E402
+from harness.config.identity import expand_trials  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 NORM_FREE = "test_norm_free_cnn"
@@ -60,7 +61,7 @@ class NormFreeTinyCNN(nn.Module):
 
 def register_norm_free_backbone() -> None:
     """Ray worker_process_setup_hook: make the test backbone available in every Ray worker process."""
-    from harness import backbones
+    from harness.core import backbones
 
     backbones.BACKBONES.setdefault(NORM_FREE, lambda width, *_: NormFreeTinyCNN(width or 16))
 
@@ -264,7 +265,7 @@ def test_placement_group_of_a_dead_creator_is_removed_by_the_driver(ray_session)
     dead. Ray keeps it (its lifetime is the job's); the driver's reaper frees it, and leaves live ones alone."""
     from ray.util import placement_group, remove_placement_group
 
-    from harness.ray_cleanup import orphaned_placement_groups, remove_orphaned_placement_groups
+    from harness.run.ray_cleanup import orphaned_placement_groups, remove_orphaned_placement_groups
 
     @ray.remote(num_cpus=0)
     class Creator:

@@ -16,8 +16,10 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from harness.launch import LaunchOptions, TrialEvents  # noqa: E402
-from harness.ray_launch import run_ray  # noqa: E402
+from harness.run.events import LaunchOptions
+
+from harness.run.events import TrialEvents  # noqa: E402
+from harness.run.ray_grid import run_ray  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]

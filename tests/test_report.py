@@ -11,11 +11,11 @@ import pytest
 
 mlflow = pytest.importorskip("mlflow")
 
-from harness import plots  # noqa: E402
+from harness.tracking import plots  # noqa: E402
 from harness.errors import ConfigError  # noqa: E402
-from harness.report import (PUBLISHED, find_published, leaderboard, load_published, main,  # noqa: E402
+from harness.tracking.report import (PUBLISHED, find_published, leaderboard, load_published, main,  # noqa: E402
                             summarize, to_markdown)
-from harness.tracking import BenchmarkTracker  # noqa: E402
+from harness.tracking.trackers import BenchmarkTracker  # noqa: E402
 from test_tracking import color_pixels, make_config, make_result, make_specs  # noqa: E402
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
@@ -286,7 +286,7 @@ def test_mean_curves_leave_failed_trials_out():
 
 
 def test_end_of_run_table_shows_n_a_for_the_std_of_one_trial():
-    from harness.results import summary_table
+    from harness.run.results import summary_table
 
     def result(order, aia):
         return {"method": "icarl", "suite": "digits-5x2", "order": order, "seed": 0, "status": "finished",

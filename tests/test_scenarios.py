@@ -11,7 +11,7 @@ import yaml
 
 from harness.data import ArrayData, load_dataset
 from harness.errors import ConfigError, DataError
-from harness.scenarios import ORDERS_DIR, Scenario, resolve_class_order
+from harness.core.scenarios import ORDERS_DIR, Scenario, resolve_class_order
 
 DYTOX_REF = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "dytox.md"
 

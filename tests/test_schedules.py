@@ -8,9 +8,9 @@ import pytest
 import torch
 from timm.scheduler import CosineLRScheduler
 
-from harness.config import resolve_config
-from harness.loop import lr_at_epoch
-from harness.method import PhaseConfig, TaskInfo, finetuning_phase_from_config, phase_from_config
+from harness.config.compose import resolve_config
+from harness.core.loop import lr_at_epoch
+from harness.core.method import PhaseConfig, TaskInfo, finetuning_phase_from_config, phase_from_config
 
 
 def lrs(phase: PhaseConfig) -> list[float]:

@@ -1,4 +1,4 @@
-"""Hyper-parameter sweeps (harness.sweep): real Ray Tune + Ray Train, real digits data, a tiny CNN, real MLflow.
+"""Hyper-parameter sweeps (harness.sweep.driver): real Ray Tune + Ray Train, real digits data, a tiny CNN, real MLflow.
 
 What is shown:
 1. bad spaces (unknown key, empty choice, low > high, log scale from 0, unknown distribution, ...) fail with one
@@ -32,8 +32,9 @@ import yaml
 ray = pytest.importorskip("ray")
 
 from harness.errors import ConfigError  # noqa: E402
-from harness.sweep import main as sweep_main  # noqa: E402
-from harness.sweep_space import load_space, option_keys, parse_space, validation_split  # noqa: E402
+from harness.sweep.driver import main as sweep_main  # noqa: E402
+from harness.data.base import validation_split  # noqa: E402
+from harness.sweep.space import load_space, option_keys, parse_space  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEPS = ROOT / "benchmarks" / "sweeps"
@@ -213,8 +214,8 @@ def test_search_mode_mismatches_and_missing_optuna(tmp_path):
 
 
 def test_example_spaces_are_valid_for_their_methods():
-    from harness.config import defaults, resolve_config
-    from harness.registry import list_methods
+    from harness.config.compose import defaults, resolve_config
+    from harness.config.catalog import list_methods
 
     files = {p.stem: p for p in SWEEPS.glob("*.yaml")}
     assert {"finetune", "replay", "icarl", "der", "dytox"} <= set(files)
@@ -352,7 +353,7 @@ def test_sweep_end_to_end_asha_mlflow_no_test_reads_and_best_config(tmp_path, au
 
     # ---- round trip: `run_benchmark.py --options best.yaml` (the test split is read here, legitimately)
     monkeypatch.undo()
-    from harness.config import resolve_config
+    from harness.config.compose import resolve_config
 
     config = resolve_config("finetune", "digits-5x2", [str(best_path)])
     assert config["lr"] == best["lr"]

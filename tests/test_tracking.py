@@ -21,12 +21,13 @@ import yaml
 
 mlflow = pytest.importorskip("mlflow")
 
-from harness import plots  # noqa: E402
+from harness.tracking import plots  # noqa: E402
 from harness.errors import ConfigError, ResourceError  # noqa: E402
-from harness.launch import TrialEvents  # noqa: E402
-from harness.metrics import ContinualMetrics  # noqa: E402
-from harness.tracking import (TRUNCATED, BenchmarkTracker, TrialLogger, check_tracking,  # noqa: E402
-                              resolve_tracking_uri)
+from harness.run.events import TrialEvents  # noqa: E402
+from harness.core.metrics import ContinualMetrics  # noqa: E402
+from harness.tracking.store import TRUNCATED, check_tracking, resolve_tracking_uri  # noqa: E402
+from harness.tracking.trackers import BenchmarkTracker  # noqa: E402
+from harness.tracking.trial_logger import TrialLogger  # noqa: E402
 
 PER_TASK = 200            # test images per task (cifar10-mini: 100 per class, 2 classes per task)
 LONG_ORDER = list(range(100000, 101500))   # a class-order-like option longer than MLflow's 6000-char param limit
@@ -41,7 +42,7 @@ def accuracy_matrix(accs: list[float]) -> list[list[float]]:
 
 
 def task_row(metrics: ContinualMetrics, t: int) -> dict:
-    """The row harness.trial makes after task t (same keys; training stats made up but plausible)."""
+    """The row harness.run.trial makes after task t (same keys; training stats made up but plausible)."""
     summary = metrics.summary()
     row = {"task": t, "loss": 2.3 / (t + 1), "epoch_time_s": 4.0 + t, "images_per_s": 510.0 + 10 * t,
            "parameters": 464_154 + 130 * t}
@@ -468,7 +469,7 @@ def mlflow_server(server_process):
 def test_round_trip_over_http(mlflow_server, tmp_path):
     import pandas as pd
 
-    from harness.report import leaderboard
+    from harness.tracking.report import leaderboard
 
     uri, root = mlflow_server
     start = time.perf_counter()

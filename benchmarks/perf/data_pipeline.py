@@ -42,7 +42,7 @@ from torch.utils.data import DataLoader  # noqa: E402
 from harness.data import ArrayData, DatasetInfo, TaskDataset, build_transform, dataset_info, load_dataset  # noqa: E402
 from harness.data.base import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from harness.data.batched import build_batched_transform  # noqa: E402
-from harness.loop import GlobalBatchSampler  # noqa: E402
+from harness.core.loop import GlobalBatchSampler  # noqa: E402
 
 PIPELINES = {"standard": ({"augment": "standard"}, 1), "randaug+ra3": ({"augment": "randaugment"}, 3)}
 
@@ -103,7 +103,7 @@ def run_config(data: ArrayData, info: DatasetInfo, pipeline: str, path: str, wor
 
 def model_reference(size: int, batch: int, steps: int) -> float:
     """Train-step images/s of the model the pipeline feeds (1 thread, fp32, channels-last, SGD)."""
-    from harness.backbones import build_backbone
+    from harness.core.backbones import build_backbone
     from methods.common import IncrementalNet
 
     net = IncrementalNet(build_backbone("resnet32" if size == 32 else "resnet18"))

@@ -65,8 +65,8 @@ def measure(job: dict) -> dict:
     """One configuration, in this (fresh) process."""
     import torch
 
-    from harness.method import PhaseConfig, TaskInfo
-    from harness.loop import build_optimizer
+    from harness.core.method import PhaseConfig, TaskInfo
+    from harness.core.loop import build_optimizer
     from methods.dytox.method import DyToxMethod
 
     if job["threads"]:

@@ -42,7 +42,7 @@ def budget_overrides(method: str, budget: str, suite: dict) -> dict:
     budget put back to the method's `cpu` recipe value (else the harness default)."""
     if budget != "recipe":
         return {}
-    from harness.config import defaults, method_recipe
+    from harness.config.compose import defaults, method_recipe
 
     recipe, _ = method_recipe(method, "cpu", explicit=False)
     base = {**defaults(), **recipe}
@@ -50,9 +50,9 @@ def budget_overrides(method: str, budget: str, suite: dict) -> dict:
 
 
 def run_variant(method: str, suite: str, overrides: dict, scratch: Path) -> dict:
-    from harness.config import resolve_config
-    from harness.launch import run_local
-    from harness.trials import expand_trials
+    from harness.config.compose import resolve_config
+    from harness.run.local import run_local
+    from harness.config.identity import expand_trials
 
     config = resolve_config(method, suite, overrides=overrides)
     specs = expand_trials(config)
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from harness.config import load_suite
+    from harness.config.compose import load_suite
     from harness.data import load_dataset
 
     if args.threads:
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     suite = load_suite(args.suite)
     for split in ("train", "test"):        # decode (and cache) the data before any clock starts
         load_dataset(suite["dataset"], None, split)
-    import harness.trial  # noqa: F401 -- imports paid before timing
+    import harness.run.trial  # noqa: F401 -- imports paid before timing
 
     runs: dict[tuple[str, str], list[dict]] = {}
     scratch = Path(tempfile.mkdtemp(prefix="clbench-e2e-"))

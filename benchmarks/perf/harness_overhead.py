@@ -38,9 +38,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from harness.config import resolve_config  # noqa: E402
-from harness.launch import LaunchOptions, TrialEvents, run_local  # noqa: E402
-from harness.trials import expand_trials  # noqa: E402
+from harness.config.compose import resolve_config  # noqa: E402
+from harness.run.events import LaunchOptions, TrialEvents
+from harness.run.local import run_local  # noqa: E402
+from harness.config.identity import expand_trials  # noqa: E402
 
 
 def build_specs(args: argparse.Namespace) -> list[dict]:
@@ -58,7 +59,7 @@ def timed_run(kind: str, specs: list[dict], out: Path) -> dict:
     if kind == "local":
         results = run_local(specs, out, log=lambda s: None, progress=False, events=events)
     else:
-        from harness.ray_launch import run_ray
+        from harness.run.ray_grid import run_ray
 
         # ray_serial: one trial at a time, which the default plan gives all the CPUs (the plain loop's threads)
         results = run_ray(specs, out, LaunchOptions(max_concurrent_trials=1 if kind == "ray_serial" else None),
@@ -142,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
             args.output = str(ROOT / "benchmarks" / "results" / "harness_overhead_quick.json")
 
     specs = build_specs(args)
-    import harness.trial  # noqa: F401 -- imports paid before timing, as the CLI pays them in both cases
+    import harness.run.trial  # noqa: F401 -- imports paid before timing, as the CLI pays them in both cases
 
     kinds = ["local"] + [k for k in args.launchers if k != "local"] + (["ray_warm"] if args.warm else [])
     runs: dict[str, list[dict]] = {k: [] for k in kinds}
@@ -155,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
                 if kind == "ray_warm":
                     import ray
 
-                    from harness.ray_launch import init_ray
+                    from harness.run.ray_session import init_ray
                     init_ray()
                     run = timed_run("ray", specs, out)
                     ray.shutdown()

@@ -11,7 +11,7 @@ Models (CIFAR, 32 px, 100 classes in 10 tasks of 10, the "task" is how many task
                        task heads (+ divergence head CE and KD from a frozen teacher copy from task 2 on)
   icarl_t1, icarl_t10  the registered `icarl` method (ResNet-32, growing classifier; KD from its teacher at t10)
   der_t1, der_t10      the registered `der` method: 1 or 10 ResNet-32 extractors (9 frozen at t10) + aux head
-One step = the method's training_step + backward + SGD step, exactly what harness.loop runs per batch.
+One step = the method's training_step + backward + SGD step, exactly what harness.core.loop runs per batch.
 
 Variants, measured in the same run and interleaved (round r runs every variant of a config back to back):
   CNNs:   nchw (the plain layout) vs channels_last (`channels_last: auto` picks it for CNNs)
@@ -62,7 +62,7 @@ def _rss_mb() -> float:
 
 
 def _task(t: int):
-    from harness.method import TaskInfo
+    from harness.core.method import TaskInfo
 
     new = tuple(range(t * CLASSES_PER_TASK, (t + 1) * CLASSES_PER_TASK))
     return TaskInfo(task_id=t, num_tasks=NUM_TASKS, new_classes=new, num_old_classes=t * CLASSES_PER_TASK,
@@ -111,8 +111,8 @@ def build_step(model: str, variant: str, device, amp, quick: bool = False):
 
         return step_loss, net, False
 
-    from harness.config import resolve_config
-    from harness.registry import get_method
+    from harness.config.compose import resolve_config
+    from harness.config.catalog import get_method
 
     config = resolve_config(name, "cifar100", overrides={"backbone": "resnet32"})
     method = get_method(name)(config, device)

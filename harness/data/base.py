@@ -8,7 +8,7 @@ from typing import Callable
 
 import numpy as np
 
-from harness.errors import ConfigError
+from harness.errors import ConfigError, DataError
 
 ROOT = Path(__file__).resolve().parents[2]            # the project root (holds harness/, benchmarks/)
 SHARED_DATA = ROOT.parent / "shared" / "data"         # real data kept beside the project, when present
@@ -90,3 +90,23 @@ def subsample_per_class(data: ArrayData, per_class: int, seed: int = 0) -> Array
     if per_class < 1:
         raise ConfigError(f"train_per_class must be >= 1, got {per_class}")
     return data.subset(np.flatnonzero(draw_per_class(data.y, lambda n: min(n, per_class), seed)))
+
+
+def validation_split(train: ArrayData, validation: dict) -> tuple[ArrayData, ArrayData]:
+    """The sweeps' tuning protocol (harness.sweep): (train minus validation, validation): `fraction` of EVERY class's training samples, drawn with a fixed
+    seed per class, so the split depends neither on the class order, nor on k, nor on the trial's seed.
+
+    Only the classes of the first k tasks are ever trained or evaluated on (run_trial stops after k tasks);
+    later classes are held out the same way so the scenario keeps every class. The test split is never read.
+    """
+    fraction, seed = float(validation.get("fraction", 0.1)), int(validation.get("seed", 0))
+    if not 0 < fraction < 1:
+        raise ConfigError(f"validation fraction must be in (0, 1), got {fraction}")
+    y = np.asarray(train.y)
+    for c, n in zip(*np.unique(y, return_counts=True)):
+        if n < 2:
+            raise DataError(f"class {int(c)} has {n} training sample(s): a validation split needs at least 2")
+    held = draw_per_class(y, lambda n: min(n - 1, max(1, int(round(fraction * n)))), seed)
+    keep, val = np.flatnonzero(~held), np.flatnonzero(held)
+    return (ArrayData(train.x[keep], y[keep], train.class_names),
+            ArrayData(train.x[val], y[val], train.class_names))

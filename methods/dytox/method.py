@@ -21,8 +21,8 @@ import torch
 from timm.data.mixup import Mixup, mixup_target
 
 from harness.errors import ConfigError
-from harness.method import Method, PhaseConfig, TaskInfo, finetuning_phase_from_config
-from harness.registry import register_method
+from harness.core.method import Method, PhaseConfig, TaskInfo, finetuning_phase_from_config
+from harness.core.registry import register_method
 from methods.dytox.losses import KD_REDUCTIONS, dytox_loss, hard_targets
 from methods.dytox.model import FREEZE_GROUPS, DyTox, DyToxConfig, count_parameters
 from methods.dytox.sam import SAM

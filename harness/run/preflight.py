@@ -45,9 +45,9 @@ class OneLineParser(argparse.ArgumentParser):
 
 # ---- options ----------------------------------------------------------------------------------------------
 def check_config(config: dict, origins: dict[str, str] | None = None) -> None:
-    """Types and ranges of every option (harness.option_schema), then the checks across options."""
-    from harness.config import check_required, defaults, method_recipe, validate
-    from harness.option_schema import check_options
+    """Types and ranges of every option (harness.config.schema), then the checks across options."""
+    from harness.config.compose import check_required, defaults, method_recipe, validate
+    from harness.config.schema import check_options
 
     check_required(config)
     # Options without a schema entry are checked against their default: the harness's, or the method's own.
@@ -59,7 +59,7 @@ def check_scenario(config: dict) -> list[list[int]]:
     """Class orders are permutations of the dataset's classes, increments fit, orders and seeds are distinct.
     Returns the resolved orders (empty when the dataset's class count is only known from its files)."""
     from harness.data import dataset_info
-    from harness.scenarios import make_increments, resolve_class_order
+    from harness.core.scenarios import make_increments, resolve_class_order
 
     seeds = config["seeds"]
     if not seeds:
@@ -100,7 +100,7 @@ def check_method(config: dict) -> None:
     Only the user's errors (HarnessError) count: anything else the real build would meet is left to the trial."""
     import torch
 
-    from harness.registry import get_method
+    from harness.config.catalog import get_method
 
     method = get_method(config["method"])
     try:
@@ -177,7 +177,7 @@ def probe_writable(folder: Path, what: str) -> None:
 def check_tracking_store(uri: str | None, output_dir: Path, experiment: str = "clbench") -> None:
     """The MLflow store will work, checked without writing to it: the URI is well formed, a server answers,
     an existing sqlite file is an MLflow database whose experiment is not deleted, a new one can be created."""
-    from harness.tracking import check_sqlite_store, is_server, probe_server, resolve_tracking_uri, sqlite_path
+    from harness.tracking.store import check_sqlite_store, is_server, probe_server, resolve_tracking_uri, sqlite_path
 
     resolved = resolve_tracking_uri(uri, output_dir)
     scheme = urlparse(resolved).scheme.lower()
@@ -207,7 +207,7 @@ def check_tracking_store(uri: str | None, output_dir: Path, experiment: str = "c
 
 def _check_experiment(uri: str, experiment: str) -> None:
     """Read-only: the experiment, when it exists, is not deleted (a deleted one cannot take new runs)."""
-    from harness.tracking import make_client
+    from harness.tracking.store import make_client
 
     try:
         exp = make_client(uri).get_experiment_by_name(experiment)

@@ -14,7 +14,7 @@ import yaml
 
 from harness.errors import ConfigError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BENCHMARKS = ROOT / "benchmarks"
 SUITES_DIR = BENCHMARKS / "suites"
 RECIPES_DIR = BENCHMARKS / "recipes"
@@ -120,8 +120,8 @@ def resolve_config(method: str, suite: str, options: Iterable[str] = (), overrid
 def compose_config(method: str, suite: str, options: Iterable[str] = (), overrides: dict | None = None,
                    recipe: str | None = None) -> tuple[dict, dict[str, str]]:
     """The composed config, unchecked, and where each option was last set (for error lines; the pre-flight
-    in harness.preflight checks both)."""
-    from harness.registry import get_method
+    in harness.run.preflight checks both)."""
+    from harness.config.catalog import get_method
 
     method_cls = get_method(method)
     config = defaults()

@@ -1,25 +1,16 @@
-"""Launchers: run a benchmark's trials. `local` runs them one after another in this process; `ray`
-(harness.ray_launch) runs the same `run_trial` as Ray Train DDP jobs under a Ray Tune grid.
-
-Both launchers share what happens around a trial, defined once here:
-- finished trials (result.json with status finished) are skipped, unfinished ones resume from their last
-  per-task checkpoint under <output_dir>/trials/<name>/checkpoints;
-- `TrialEvents` is the ONE place where per-trial side effects happen in the driver process: the progress line
-  per task and per trial now, the MLflow tracker (harness.tracking) later.
-"""
+"""What happens around a trial in the driver, shared by every launcher (harness.run.local, harness.run.ray_grid)
+and the sweep driver: the progress lines, `TrialEvents` (the ONE place where per-trial side effects happen in the
+driver: the progress line per task and per trial, the MLflow tracker), the trial folders, skipping finished
+trials and the result of a failed or finished trial. Imports nothing heavy: the Ray driver and the Tune
+trainable import it in processes that never run a trial."""
 from __future__ import annotations
 
 import time
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol
 
-from harness.errors import ConfigError, HarnessError
-from harness.results import read_result, result_path, write_json
-
-# harness.trial and harness.runtime (torch, timm, data) are imported where they are used: the Ray launcher
-# imports this module in processes that never run a trial (the Tune trainable, the driver).
+from harness.run.results import read_result
 
 LAUNCHERS = ("ray", "local")
 
@@ -58,7 +49,7 @@ def progress_line(spec: dict, info: dict) -> str:
 
 
 class TrialLogger(Protocol):
-    """What a per-trial tracker implements (harness.tracking's MLflow logger, later)."""
+    """What a per-trial tracker implements (harness.tracking.store's MLflow logger, later)."""
 
     def log_task(self, spec: dict, row: dict) -> None: ...
 
@@ -143,65 +134,6 @@ def finish_result(spec: dict, result: dict, launcher: str, clock=None, startup: 
     return result
 
 
-def run_local(specs: list[dict], output_dir: str | Path, log: Callable[[str], None] = print,
-              progress: bool = True, events: TrialEvents | None = None) -> list[dict]:
-    """Run every trial in this process; finished trials (result.json present) are skipped, unfinished
-    ones resume from their last per-task checkpoint."""
-    from harness.runtime import FirstStepClock, RuntimeContext, amp_dtype, enable_determinism, select_device
-    from harness.trial import run_trial
-
-    import torch
-
-    output_dir = Path(output_dir).resolve()
-    events = events or TrialEvents(log)
-    done, todo = split_finished(specs, output_dir, events)
-    for spec in todo:
-        cfg = spec["config"]
-        if cfg.get("threads_per_worker"):      # part of the trial's identity: the numbers depend on it
-            torch.set_num_threads(int(cfg["threads_per_worker"]))
-        device = select_device(cfg.get("device", "auto"))
-        if cfg.get("deterministic", True):
-            enable_determinism(int(spec["seed"]), device)
-        ctx = RuntimeContext(
-            device=device, amp=amp_dtype(device, cfg.get("amp", "auto")),
-            checkpoint_dir=str(checkpoint_dir(output_dir, spec["name"])),
-            report=lambda row, _ckpt, spec=spec: events.task_finished(spec, row),
-            progress=progress, log=log, fault_at_task=cfg.get("fault_at_task"),
-            # without progress bars (a log file, --quiet) a long task still says how it is going
-            heartbeat=None if progress else (lambda info, spec=spec: log(progress_line(spec, info))),
-            heartbeat_s=float(cfg.get("progress_interval_s") or 30.0))
-        clock = FirstStepClock()
-        try:
-            with clock.running():
-                result = run_trial(spec, ctx)
-        except HarnessError:
-            raise                       # the user's input is wrong: stop the whole benchmark
-        except KeyboardInterrupt:
-            raise
-        except Exception as exc:        # noqa: BLE001 -- a crashed trial is recorded, the others go on
-            result = failed_result(spec, f"{type(exc).__name__}: {exc}", traceback.format_exc())
-        finish_result(spec, result, "local", clock)
-        write_json(result_path(output_dir, spec["name"]), result)
-        events.trial_finished(spec, result)
-        done[spec["name"]] = result
-    return [done[s["name"]] for s in specs]
-
-
-def resolve_threads(config: dict, options: "LaunchOptions", num_trials: int) -> int:
-    """Torch intra-op threads per worker that the command's trials will use. They change CPU float rounding,
-    hence the numbers, so they are part of every trial's identity (harness.trials): `threads_per_worker` when
-    set, else the local process's default, else what the Ray resource plan gives each worker."""
-    if config.get("threads_per_worker"):
-        return int(config["threads_per_worker"])
-    if options.launcher == "local":
-        import torch
-
-        return torch.get_num_threads()
-    from harness.ray_launch import preview_plan
-
-    return preview_plan(config, options, num_trials).threads_per_worker
-
-
 @dataclass
 class LaunchOptions:
     """How to run the trials; only `launcher` matters to the local launcher."""
@@ -213,16 +145,3 @@ class LaunchOptions:
     verbose: bool = False                    # show Ray's own logs and progress output
 
 
-def launch(specs: list[dict], output_dir: str | Path, options: LaunchOptions | None = None,
-           log: Callable[[str], None] = print, progress: bool = True,
-           events: TrialEvents | None = None) -> list[dict]:
-    """Run `specs` with the chosen launcher; returns one result per spec, in order."""
-    options = options or LaunchOptions()
-    events = events or TrialEvents(log)
-    if options.launcher == "local":
-        return run_local(specs, output_dir, log=log, progress=progress, events=events)
-    if options.launcher == "ray":
-        from harness.ray_launch import run_ray   # imported lazily: the local launcher never needs Ray
-
-        return run_ray(specs, output_dir, options, log=log, events=events)
-    raise ConfigError(f"unknown launcher {options.launcher!r}; use one of: {', '.join(LAUNCHERS)}")

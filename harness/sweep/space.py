@@ -12,7 +12,7 @@ either a fixed value or ONE distribution:
     incremental_lr: null                    # a fixed value (null: later tasks use lr)
 
 Nothing here imports Ray: the file is validated (one ConfigError line per mistake) before Ray is started, and
-`validation_split` runs inside the trials (harness.trial) without pulling Tune in.
+The validation split itself runs inside the trials: harness.data.base.validation_split.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from harness.errors import ConfigError, DataError
+from harness.errors import ConfigError
 
 # name -> number of arguments (None: a non-empty list of values)
 DISTRIBUTIONS: dict[str, int | None] = {
@@ -157,8 +157,8 @@ def _parse_param(key: str, raw: Any, where: str) -> Param:
 def option_keys(method: str, suite: str, recipe: str | None = None) -> tuple[set[str], dict[str, str | None]]:
     """(option keys the method accepts on this suite, the method's option aliases) -- the rules
     harness.config.resolve_config applies to --options files."""
-    from harness.config import defaults, load_suite, method_recipe
-    from harness.registry import get_method
+    from harness.config.compose import defaults, load_suite, method_recipe
+    from harness.config.catalog import get_method
 
     method_cls = get_method(method)
     suite_cfg = load_suite(suite)
@@ -216,35 +216,10 @@ def parse_space(data: Any, where: str, known: set[str], aliases: dict[str, str |
 
 def load_space(path: str | Path, method: str, suite: str, recipe: str | None = None, base: dict | None = None,
                search: str = "random") -> SearchSpace:
-    from harness.config import load_yaml
+    from harness.config.compose import load_yaml
 
     known, aliases = option_keys(method, suite, recipe)
     return parse_space(load_yaml(path), str(path), known, aliases, base, search)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The tuning protocol's split (runs inside the trials)
-# ---------------------------------------------------------------------------------------------------------
-def validation_split(train, validation: dict):
-    """(train minus validation, validation): `fraction` of EVERY class's training samples, drawn with a fixed
-    seed per class, so the split depends neither on the class order, nor on k, nor on the trial's seed.
-
-    Only the classes of the first k tasks are ever trained or evaluated on (run_trial stops after k tasks);
-    later classes are held out the same way so the scenario keeps every class. The test split is never read.
-    """
-    from harness.data.base import ArrayData, draw_per_class
-
-    fraction, seed = float(validation.get("fraction", 0.1)), int(validation.get("seed", 0))
-    if not 0 < fraction < 1:
-        raise ConfigError(f"validation fraction must be in (0, 1), got {fraction}")
-    y = np.asarray(train.y)
-    for c, n in zip(*np.unique(y, return_counts=True)):
-        if n < 2:
-            raise DataError(f"class {int(c)} has {n} training sample(s): a validation split needs at least 2")
-    held = draw_per_class(y, lambda n: min(n - 1, max(1, int(round(fraction * n)))), seed)
-    keep, val = np.flatnonzero(~held), np.flatnonzero(held)
-    return (ArrayData(train.x[keep], y[keep], train.class_names),
-            ArrayData(train.x[val], y[val], train.class_names))
 
 
 # ---------------------------------------------------------------------------------------------------------

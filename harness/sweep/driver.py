@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from harness.errors import ConfigError, HarnessError
-from harness.ray_cleanup import PeriodicReaper
-from harness.sweep_space import SEARCHES, SearchSpace, best_config_yaml, load_space, plain
+from harness.run.ray_cleanup import PeriodicReaper
+from harness.sweep.space import SEARCHES, SearchSpace, best_config_yaml, load_space, plain
 
 DEFAULT_EXPERIMENT = "clbench-sweeps"
 DEFAULT_VAL_TASKS = 3
@@ -105,7 +105,7 @@ def add_sweep_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from harness.preflight import OneLineParser     # argparse errors as one `error:` line
+    from harness.run.preflight import OneLineParser     # argparse errors as one `error:` line
 
     p = OneLineParser(prog="run_benchmark.py sweep", description=__doc__.split("\n\n")[0],
                       formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
 # Sweep definition (everything checked here, before Ray starts)
 # ---------------------------------------------------------------------------------------------------------
 def _overrides(args: argparse.Namespace) -> dict:
-    from harness.config import parse_value
+    from harness.config.compose import parse_value
 
     out: dict[str, Any] = {"data_path": str(Path(args.data_path).resolve()) if args.data_path else None,
                            "num_workers": args.num_workers, "device": args.device,
@@ -159,7 +159,7 @@ def _check_args(args: argparse.Namespace) -> None:
 
 def num_tasks_of(config: dict) -> int:
     from harness.data import dataset_info
-    from harness.scenarios import make_increments
+    from harness.core.scenarios import make_increments
 
     info = dataset_info(config["dataset"], config.get("data_path"))
     return len(make_increments(info.num_classes, config["initial_increment"], config["increment"]))
@@ -168,18 +168,18 @@ def num_tasks_of(config: dict) -> int:
 def plan_sweep(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict:
     """Resolve and check everything (config, space, protocol, name) without starting Ray.
     Returns the plain, picklable `sweep` dict the trials are built from."""
-    from harness.config import config_hash, resolve_config, validate
-    from harness.trials import RUNTIME_KEYS, order_name
+    from harness.config.compose import config_hash, resolve_config, validate
+    from harness.config.identity import RUNTIME_KEYS, order_name
 
     _check_args(args)
     base = resolve_config(args.method, args.suite, args.options, _overrides(args), args.recipe)
     space = load_space(args.space, args.method, args.suite, args.recipe, base=base, search=args.search)
     validate({**base, **space.fixed()})
-    from harness.preflight import preflight    # the driver's pre-flight: before Ray starts or any file is written
+    from harness.run.preflight import preflight    # the driver's pre-flight: before Ray starts or any file is written
     preflight({**base, **space.fixed()}, output_dir=Path(args.output_dir).resolve(), launcher="ray",
               address=args.address, tracking_uri=args.tracking_uri, experiment=args.experiment,
               splits=("train",))
-    from harness.cluster import preflight_cluster    # on a cluster: join it, check shared folders on every node
+    from harness.run.cluster import preflight_cluster    # on a cluster: join it, check shared folders on every node
 
     preflight_cluster(args.address, Path(args.output_dir).resolve(), base.get("data_path"), args.tracking_uri,
                       bool(base.get("download")), getattr(args, "verbose", False))
@@ -241,8 +241,8 @@ def sweep_trainable(config: dict, sweep: dict, setup: dict) -> None:
     (its per-task reports reach Tune, where ASHA reads them)."""
     from ray import tune
 
-    from harness.config import validate
-    from harness.ray_trial import trial_trainable
+    from harness.config.compose import validate
+    from harness.run.ray_trial import trial_trainable
 
     spec = trial_spec(sweep, config, tune.get_context().get_trial_id())
     try:
@@ -250,7 +250,7 @@ def sweep_trainable(config: dict, sweep: dict, setup: dict) -> None:
     except HarnessError as exc:
         tune.report({"harness_error": str(exc), "harness_error_type": type(exc).__name__})
         return
-    from harness.results import read_result
+    from harness.run.results import read_result
 
     done = read_result(setup["output_dir"], spec["name"])
     if done is not None and done.get("status") == "finished":
@@ -310,7 +310,7 @@ class SweepDriver:
             self.stopped.add(spec["name"])      # Tune marks a scheduler STOP with done=True
 
     def on_complete(self, trial, error: bool = False) -> None:
-        from harness.results import read_result
+        from harness.run.results import read_result
 
         spec = self.spec(trial)
         if spec["name"] in self.closed or self.user_error is not None:
@@ -444,12 +444,12 @@ def _short(value: Any) -> str:
 # ---------------------------------------------------------------------------------------------------------
 class SweepTracker:
     """Parent run (run_kind=sweep) and child runs (run_kind=sweep_trial) in their own experiment, so that
-    validation numbers never mix with the test numbers of benchmark leaderboards. Built on harness.tracking's
+    validation numbers never mix with the test numbers of benchmark leaderboards. Built on harness.tracking.store's
     TrialLogger: a resumed sweep continues its parent and its trials' child runs."""
 
     def __init__(self, sweep: dict, uri: str | None, experiment: str, log: Callable[[str], None]) -> None:
-        from harness.tracking import (check_tracking, flatten_params, is_server, log_params, make_client,
-                                      provenance, resolve_tracking_uri)
+        from harness.tracking.store import (check_tracking, flatten_params, is_server, log_params, make_client,
+                                            provenance, resolve_tracking_uri)
 
         self.sweep, self.log = sweep, log
         self.uri = resolve_tracking_uri(uri, sweep["output_dir"])
@@ -487,7 +487,7 @@ class SweepTracker:
         log(f"mlflow: {self.uri} experiment {experiment!r}, sweep run {self.run_id}")
 
     def _logger(self, spec: dict):
-        from harness.tracking import TrialLogger
+        from harness.tracking.trial_logger import TrialLogger
 
         if spec["name"] not in self.loggers:
             tags = {"run_kind": "sweep_trial", "sweep": self.sweep["name"], "eval_split": "validation",
@@ -526,7 +526,7 @@ class SweepTracker:
             f"tags.`mlflow.parentRunId` = '{self.run_id}'"), max_results=10_000)
 
     def end(self, summary: dict, files: list[Path], status: str) -> None:
-        from harness.tracking import log_metrics
+        from harness.tracking.store import log_metrics
 
         def close() -> None:
             metrics = {f"trials_{k}": float(v) for k, v in summary["counts"].items()}
@@ -598,8 +598,8 @@ def run_sweep(args: argparse.Namespace, log: Callable[[str], None] = print) -> i
     sweep_dir.mkdir(parents=True, exist_ok=True)
     (sweep_dir / "space.yaml").write_text(Path(sweep["space_path"]).read_text())
 
-    from harness.launch import LaunchOptions
-    from harness.ray_launch import init_ray
+    from harness.run.events import LaunchOptions
+    from harness.run.ray_session import init_ray
 
     options = LaunchOptions(address=args.address, max_concurrent_trials=args.max_concurrent_trials,
                             max_failures=args.max_failures, verbose=args.verbose)
@@ -616,7 +616,7 @@ def run_sweep(args: argparse.Namespace, log: Callable[[str], None] = print) -> i
         if driver.interrupted or unfinished:
             raise KeyboardInterrupt(f"sweep interrupted; {len(unfinished)} trial(s) did not finish")
         if driver.user_error is not None:
-            from harness.ray_trial import error_class as _error_class
+            from harness.run.ray_trial import error_class as _error_class
 
             kind, message = driver.user_error
             raise _error_class(kind)(message)
@@ -641,9 +641,10 @@ def _fit(sweep: dict, space: SearchSpace, options, restore: bool, exp_dir: Path,
          log: Callable[[str], None] = print):
     from ray import tune
 
-    from harness.ray_launch import plan_for_grid, ray_env
-    from harness.ray_resources import cluster_resources
-    from harness.ray_trial import trainable_resources
+    from harness.run.ray_grid import plan_for_grid
+    from harness.run.ray_session import ray_env
+    from harness.run.ray_resources import cluster_resources
+    from harness.run.ray_trial import trainable_resources
 
     base = sweep["base"]
     total, largest = cluster_resources()
@@ -678,8 +679,8 @@ def _fit(sweep: dict, space: SearchSpace, options, restore: bool, exp_dir: Path,
     try:
         return tuner.fit()
     finally:
-        if plan.num_workers > 1:     # the placement groups of Ray Train jobs Tune stopped (harness.ray_cleanup)
-            from harness.ray_cleanup import remove_orphaned_placement_groups
+        if plan.num_workers > 1:     # the placement groups of Ray Train jobs Tune stopped (harness.run.ray_cleanup)
+            from harness.run.ray_cleanup import remove_orphaned_placement_groups
 
             remove_orphaned_placement_groups()
 
@@ -687,7 +688,7 @@ def _fit(sweep: dict, space: SearchSpace, options, restore: bool, exp_dir: Path,
 def summarise(sweep: dict, grid, driver: SweepDriver | None = None) -> dict:
     """Every trial's outcome and last metrics; the best completed trial (all k tuning tasks) by the metric.
     Early-stopped trials are not candidates: their last value is measured on fewer classes."""
-    from harness.results import read_result
+    from harness.run.results import read_result
 
     k, metric = sweep["validation"]["tasks"], sweep["metric"]
     trials = []
@@ -750,7 +751,7 @@ def write_outputs(sweep: dict, summary: dict, log: Callable[[str], None] = print
 
 if __name__ == "__main__":
     # Run the imported module, not __main__: Tune pickles the trainable and callbacks by reference to it.
-    from harness.sweep import main as _main
+    from harness.sweep.driver import main as _main
 
     try:
         sys.exit(_main(sys.argv[1:]))

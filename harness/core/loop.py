@@ -16,8 +16,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from timm.optim import create_optimizer_v2
 from tqdm.auto import tqdm
 
-from harness.method import Method, PhaseConfig, TaskInfo
-from harness.runtime import RuntimeContext, seed_everything
+from harness.core.method import Method, PhaseConfig, TaskInfo
+from harness.core.runtime import RuntimeContext, seed_everything
 
 
 class GlobalBatchSampler(Sampler[list[int]]):
@@ -152,7 +152,7 @@ def resolve_channels_last(option, model: nn.Module) -> bool:
     """`channels_last`: auto (on for convolution-dominated models: the CNN backbones) | true | false."""
     if isinstance(option, str):
         if option.lower() == "auto":
-            from harness.backbones import prefers_channels_last
+            from harness.core.backbones import prefers_channels_last
 
             return prefers_channels_last(model)
         if option.lower() in ("true", "false"):

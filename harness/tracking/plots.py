@@ -103,7 +103,7 @@ def save_png(fig: Figure, path: str | Path) -> Path:
 def mean_accuracy_curves(results: Sequence[dict], label_keys: Sequence[str] = ("method",)) -> list[Curve]:
     """One curve per group of FINISHED trial results (default: per method): the mean over its orders x seeds
     of the accuracy after each step, with the sample std (ddof=1) as a band. Failed trials are left out."""
-    from harness.tracking import classes_seen
+    from harness.tracking.store import classes_seen
 
     groups: dict[tuple, list[dict]] = {}
     for r in results:

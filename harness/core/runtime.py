@@ -104,7 +104,7 @@ class RuntimeContext:
     report: Callable[[dict, str | None], None] | None = None   # (metrics, checkpoint dir) per finished task
     progress: bool = True                      # tqdm bars (rank 0 only)
     log: Callable[[str], None] = print
-    fault_at_task: int | None = None           # test-only fault injection (see harness.trial)
+    fault_at_task: int | None = None           # test-only fault injection (see harness.run.trial)
     # Progress inside a long task: called by `beat` at most every `heartbeat_s` seconds (Ray: a file the driver
     # reads; local without progress bars: a log line).
     heartbeat: Callable[[dict], None] | None = None

@@ -6,7 +6,7 @@ multi-worker trial. The trial itself is the same `harness.trial.run_trial` the l
   stopped (ASHA, Ctrl-C) frees its CPUs/GPU at once, and the process (imports, CUDA context) is paid once.
 - W > 1 workers: the trainable builds a Ray Train `TorchTrainer` (gloo on CPU, nccl on GPU) and calls fit().
   Ray Train's workers live in a placement group created by Train's controller; if Tune kills the trainable
-  (a stopped trial), the driver removes that placement group itself (harness.ray_cleanup), and workers that
+  (a stopped trial), the driver removes that placement group itself (harness.run.ray_cleanup), and workers that
   cannot be placed within `placement_timeout_s` fail the trial with one line.
 
 Per-task rows reach the driver through Tune (`tune.report`); a heartbeat file (trials/<name>/progress.json)
@@ -25,9 +25,9 @@ from typing import Callable, Iterator
 
 import harness.errors as errors
 from harness.errors import HarnessError
-from harness.launch import checkpoint_dir, failed_result, finish_result, trial_dir
-from harness.ray_resources import ResourcePlan
-from harness.results import read_result, result_path, write_json
+from harness.run.events import checkpoint_dir, failed_result, finish_result, trial_dir
+from harness.run.ray_resources import ResourcePlan
+from harness.run.results import read_result, result_path, write_json
 
 HARNESS_ERROR_MARKER = "harness_error.txt"
 PROGRESS_FILE = "progress.json"
@@ -109,8 +109,8 @@ def _run_in_trainable(spec: dict, setup: dict, plan: ResourcePlan) -> None:
     global _TRIALS_RUN_HERE
     import torch
 
-    from harness.runtime import FirstStepClock, RuntimeContext, amp_dtype, enable_determinism, select_device
-    from harness.trial import run_trial
+    from harness.core.runtime import FirstStepClock, RuntimeContext, amp_dtype, enable_determinism, select_device
+    from harness.run.trial import run_trial
 
     name, output_dir, cfg = spec["name"], Path(setup["output_dir"]), spec["config"]
     torch.set_num_threads(int(plan.threads_per_worker))
@@ -200,8 +200,8 @@ def train_worker(loop_config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from harness.runtime import FirstStepClock, RuntimeContext, amp_dtype
-    from harness.trial import run_trial
+    from harness.core.runtime import FirstStepClock, RuntimeContext, amp_dtype
+    from harness.run.trial import run_trial
 
     spec, output_dir = loop_config["spec"], Path(loop_config["output_dir"])
     cfg, name = spec["config"], spec["name"]

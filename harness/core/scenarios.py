@@ -19,7 +19,7 @@ from continuum.tasks import TaskType
 from harness.data.base import ArrayData
 from harness.errors import ConfigError, DataError
 
-ORDERS_DIR = Path(__file__).resolve().parents[1] / "benchmarks" / "orders"
+ORDERS_DIR = Path(__file__).resolve().parents[2] / "benchmarks" / "orders"
 ALIASES = {f"{p}{i}": f"cifar100_order{i}" for p in ("order", "podnet") for i in (1, 2, 3)}
 
 

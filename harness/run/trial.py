@@ -14,17 +14,18 @@ import numpy as np
 import torch
 
 from harness.data import ArrayData, TaskDataset, build_transform, dataset_info, load_dataset
+from harness.data.base import subsample_per_class, validation_split
 from harness.data.batched import build_batched_transform, resolve_batched_augment
 from harness.errors import CheckpointError
-from harness.evaluation import compute_features, predict
-from harness.loop import train_phase
-from harness.memory import RehearsalMemory
-from harness.method import Method, TaskInfo
-from harness.metrics import ContinualMetrics
-from harness.registry import get_method
-from harness.results import move_aside, warn_stderr
-from harness.runtime import RuntimeContext, seed_everything
-from harness.scenarios import Scenario, resolve_class_order
+from harness.core.evaluation import compute_features, predict
+from harness.core.loop import train_phase
+from harness.core.memory import RehearsalMemory
+from harness.core.method import Method, TaskInfo
+from harness.core.metrics import ContinualMetrics
+from harness.config.catalog import get_method
+from harness.run.results import move_aside, warn_stderr
+from harness.core.runtime import RuntimeContext, seed_everything
+from harness.core.scenarios import Scenario, resolve_class_order
 
 
 class InjectedFault(RuntimeError):
@@ -133,13 +134,9 @@ def run_trial(spec: dict, ctx: RuntimeContext) -> dict:
     info = dataset_info(config["dataset"], config.get("data_path"))
     train = load_dataset(config["dataset"], config.get("data_path"), "train", download=bool(config.get("download")))
     if config.get("train_per_class"):     # reduced CPU budgets: a fixed subsample of every class
-        from harness.data.base import subsample_per_class
-
         train = subsample_per_class(train, int(config["train_per_class"]))
-    validation = spec.get("validation")   # sweep protocol (harness.sweep): the test split is never loaded
+    validation = spec.get("validation")   # sweep protocol (harness.sweep.driver): the test split is never loaded
     if validation:
-        from harness.sweep_space import validation_split
-
         train, test = validation_split(train, validation)
     else:
         test = load_dataset(config["dataset"], config.get("data_path"), "test", download=False)

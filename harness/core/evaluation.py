@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from harness.runtime import RuntimeContext
+from harness.core.runtime import RuntimeContext
 
 
 @torch.no_grad()

@@ -92,7 +92,7 @@ def _datasets() -> tuple[str, ...]:
 
 
 def _backbones() -> tuple[str, ...]:
-    from harness.backbones import BACKBONES
+    from harness.core.backbones import BACKBONES
     return tuple(sorted(BACKBONES))
 
 
@@ -102,17 +102,17 @@ def _normalizations() -> tuple[str, ...]:
 
 
 def _memory_modes() -> tuple[str, ...]:
-    from harness.memory import MEMORY_MODES
+    from harness.core.memory import MEMORY_MODES
     return MEMORY_MODES
 
 
 def _shortcuts() -> tuple[str, ...]:
-    from harness.backbones import SHORTCUTS
+    from harness.core.backbones import SHORTCUTS
     return SHORTCUTS
 
 
 def _selections() -> tuple[str, ...]:
-    from harness.memory import SELECTIONS
+    from harness.core.memory import SELECTIONS
     return SELECTIONS
 
 
@@ -150,7 +150,7 @@ SCHEMA: dict[str, Rule] = {
     # data and scenario
     "dataset": choice(_datasets), "data_path": optional(TEXT), "download": BOOL,
     "initial_increment": NONNEG_INT, "increment": one_of_rules(POS_INT, int_list(1)),
-    "class_order": ANY,                       # checked as a class order (harness.preflight)
+    "class_order": ANY,                       # checked as a class order (harness.run.preflight)
     "train_per_class": optional(POS_INT), "augment": choice(_augments), "repeated_aug": POS_INT,
     "image_size": optional(POS_INT),
     # memory

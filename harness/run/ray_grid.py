@@ -17,91 +17,21 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
-import math
 import os
-import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable
 
-from harness.launch import (LaunchOptions, TrialEvents, failed_result, finish_result, progress_line,
-                            split_finished)
-from harness.ray_cleanup import PeriodicReaper, remove_orphaned_placement_groups
-from harness.ray_resources import ResourcePlan, cluster_resources, fmt as _fmt, plan_resources
-from harness.ray_trial import progress_path
-from harness.results import read_result, result_path, write_json
+from harness.run.events import (LaunchOptions, TrialEvents, failed_result, finish_result, progress_line,
+                                split_finished)
+from harness.run.ray_cleanup import PeriodicReaper, remove_orphaned_placement_groups
+from harness.run.ray_resources import ResourcePlan, cluster_resources, fmt as _fmt, plan_resources
+from harness.run.ray_session import init_ray, ray_env
+from harness.run.ray_trial import progress_path
+from harness.run.results import read_result, result_path, write_json
 
-ROOT = Path(__file__).resolve().parents[1]
-
-# ---------------------------------------------------------------------------------------------------------
-# Ray session
-# ---------------------------------------------------------------------------------------------------------
-def ray_env(embedded: bool) -> dict[str, str]:
-    """Environment for the Tune trainables, which Ray Train propagates to its controller and workers.
-
-    Values already set in the driver's environment win (e.g. a longer health-check interval on a big cluster).
-    """
-    env = {
-        "RAY_TRAIN_V2_ENABLED": "1",
-        # Keep the launch directory as cwd (relative data paths keep working; ours are absolute anyway).
-        "RAY_CHDIR_TO_TRIAL_DIR": "0",
-        # The controller polls its workers every 2 s by default: each report, and the end of every run,
-        # waits up to one interval. 0.2 s makes that negligible at the cost of a few cheap RPCs.
-        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
-    }
-    if embedded:
-        # One machine, no autoscaler, no metrics collector: preemption watching and Prometheus metrics only cost
-        # an extra actor process per trial.
-        env.update(RAY_TRAIN_ENABLE_PREEMPTION_WATCHER="0", RAY_TRAIN_METRICS_ENABLED="0")
-    return {key: os.environ.get(key, value) for key, value in env.items()}
-
-
-def _quiet_driver(verbose: bool) -> None:
-    """Ray's own output is off by default (the driver prints one line per task and trial); --verbose shows it."""
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")              # legacy Tune reporter: silent at verbose=0
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # results live in trials/<name>/result.json
-    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
-    level = logging.INFO if verbose else logging.ERROR
-    # ...including the notice that the embedded Ray uses token authentication (it should: keep it on).
-    for name in ("ray.tune", "ray.train", "ray.air", "ray.data", "ray._private.authentication"):
-        logging.getLogger(name).setLevel(level)
-
-
-def init_ray(address: str | None = None, verbose: bool = False) -> bool:
-    """Join `address` (else RAY_ADDRESS), or start an embedded single-machine Ray bound to 127.0.0.1. True when
-    Ray was started here (the caller shuts it down). An already initialised Ray session is reused as is.
-    Joining probes the address first and picks up the cluster's token authentication (harness.cluster): a bad
-    address or a missing token is one error line, not a traceback after 40 s of retries."""
-    from harness.cluster import cluster_address, embedded_state_api, join_cluster, keep_embedded_ray_local
-
-    _quiet_driver(verbose)
-    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
-        return False
-    target, source = cluster_address(address)
-    if target:
-        join_cluster(target, source, verbose)
-        return True
-    keep_embedded_ray_local()      # before Ray is imported where possible: Ray reads it at import
-    import ray
-
-    # Embedded: workers must import harness/ and methods/ whatever the driver's cwd is.
-    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    if str(ROOT) not in paths:
-        os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), *paths])
-    # The dashboard (bound to 127.0.0.1; needs ray[default]) serves Ray's state API, which Ray Train's
-    # PlacementGroupCleaner needs to see that a trial's controller is gone: without it, a trial that Tune stops
-    # early (ASHA) keeps its workers' CPUs reserved forever and later trials wait for ever (measured: a sweep on
-    # 2 CPUs hung after its second early stop).
-    # address="local": a new instance even when `ray start` runs on this machine (ray.init() would join that one).
-    level = logging.INFO if verbose else logging.WARNING
-    ray.init(address="local", num_cpus=os.cpu_count(), log_to_driver=verbose, logging_level=level,
-             include_dashboard=True, dashboard_host="127.0.0.1", **embedded_state_api())
-    return True
-
+ROOT = Path(__file__).resolve().parents[2]
 
 # ---------------------------------------------------------------------------------------------------------
 # Driver
@@ -313,7 +243,7 @@ def _run_grid(todo: list[dict], num_trials: int, experiment: str, output_dir: Pa
               events: TrialEvents) -> dict[str, dict]:
     from ray import tune
 
-    from harness.ray_trial import first_line_error, trainable_resources, trial_trainable
+    from harness.run.ray_trial import first_line_error, trainable_resources, trial_trainable
 
     total, largest = cluster_resources()
     plan = plan_for_grid([s["config"] for s in todo], num_trials, options, (total, largest))
@@ -354,7 +284,7 @@ def _run_grid(todo: list[dict], num_trials: int, experiment: str, output_dir: Pa
 
     if driver.user_error is not None:
         kind, message = driver.user_error
-        from harness.ray_trial import error_class
+        from harness.run.ray_trial import error_class
 
         raise error_class(kind)(message)
     tune_errors = {**driver.errors, **{r.config.get("name"): r.error for r in grid if r.config and r.error is not None}}

@@ -4,7 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 
-from harness.config import config_hash
+from harness.config.compose import config_hash
 
 # Options that do not change a trial's results: excluded from the trial name's hash. What does change them and
 # is not an option is added to the config before naming: `data_fingerprint` (the files actually read, their

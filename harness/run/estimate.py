@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from harness.method import TaskInfo
+from harness.core.method import TaskInfo
 
 # Training and test images per class of the datasets whose sizes are known (imagefolder: unknown -> no estimate).
 TRAIN_PER_CLASS = {"cifar10": 5000, "cifar10-jpeg": 5000, "cifar10-mini": 300, "cifar100": 500,
@@ -36,7 +36,7 @@ def _flops(config: dict, tasks: list[TaskInfo]) -> tuple[tuple[float, float], tu
     from torch.utils.flop_counter import FlopCounterMode
 
     from harness.data import dataset_info
-    from harness.registry import get_method
+    from harness.config.catalog import get_method
 
     info = dataset_info(config["dataset"], config.get("data_path"))
     size = int(config.get("image_size") or info.image_size or 224)
@@ -70,9 +70,9 @@ def _flops(config: dict, tasks: list[TaskInfo]) -> tuple[tuple[float, float], tu
 def estimate_hours(config: dict, device: torch.device | str | None = None) -> float:
     """Estimated wall-clock hours of all the trials of `config` on `device` (default: the one the run would
     pick), run one after another; nan when the data's size is unknown or the model cannot be counted."""
-    from harness.registry import get_method
-    from harness.runtime import amp_dtype, select_device
-    from harness.scenarios import make_increments
+    from harness.config.catalog import get_method
+    from harness.core.runtime import amp_dtype, select_device
+    from harness.core.scenarios import make_increments
 
     dataset = config.get("dataset")
     if dataset not in TRAIN_PER_CLASS:
@@ -140,7 +140,7 @@ def long_run_warning(config: dict, device: torch.device | str | None = None) -> 
 
 
 def device_name(device: torch.device | str | None, config: dict) -> str:
-    from harness.runtime import select_device
+    from harness.core.runtime import select_device
 
     dev = device if isinstance(device, torch.device) else select_device(str(device or config.get("device") or "auto"))
     if dev.type == "cuda":

@@ -1,4 +1,4 @@
-"""Joining a Ray cluster, and checking it before a benchmark launches on it.
+"""The driver's Ray session: join a Ray cluster or start an embedded one (`init_ray`).
 
 `join_cluster(address)` replaces a bare `ray.init(address=...)`, whose failures are a traceback after up to
 40 s of retries. It first probes the address with one bounded gRPC call to Ray's GCS, so that a malformed
@@ -7,27 +7,22 @@ Token authentication (Ray's default whenever a token exists, e.g. after any `ray
 detected here: when the cluster asks for a token and one is found on this machine (RAY_AUTH_TOKEN,
 RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token, as Ray looks for it), this process switches to RAY_AUTH_MODE=token.
 
-`check_cluster(output_dir, data_path, tracking_uri)` runs, on every alive node, a zero-CPU task that checks
-what a multi-node run needs: the output folder is shared (it reads a marker the driver wrote), the data path
-exists, and Ray's state API answers (Ray Train needs it to free a stopped trial's resources). The tracking
-server is checked from the driver, which is where runs are logged.
 
 `keep_embedded_ray_local()` makes an embedded Ray bind its servers to 127.0.0.1 (docs/CLUSTER.md lists what
 listens where).
 """
 from __future__ import annotations
 
+import logging
 import os
-import secrets
 import socket
 import sys
 from pathlib import Path
 
-from harness.errors import ConfigError, DataError, HarnessError, ResourceError
+from harness.errors import ConfigError, ResourceError, one_line
 
+ROOT = Path(__file__).resolve().parents[2]
 PROBE_TIMEOUT_S = 5.0          # TCP connect, gRPC handshake and the GCS call, each
-NODE_CHECK_TIMEOUT_S = 120.0   # a node must run the check task within this (worker start-up on a busy node)
-STATE_API_TIMEOUT_S = 10       # Ray Train's own state queries use a few seconds too
 GCS_PROBE_METHOD = "/ray.rpc.NodeInfoGcsService/GetClusterId"   # cheap, and every GCS serves it
 TOKEN_FILE = "~/.ray/auth_token"
 # Ray's switch for "no multi-node cluster": the node IP becomes 127.0.0.1 and every server binds there.
@@ -119,7 +114,7 @@ def probe_gcs(host: str, port: int, token: str | None = None, source: str = "--a
                                     "know Ray's GCS calls; a raylet or agent port?): give the address `ray start "
                                     "--head` prints, host:port (port 6379 by default)") from None
             raise ResourceError(f"the Ray cluster at {where} ({source}) did not answer ({code.name}: "
-                                f"{_one_line(exc.details())}); check that its head node is up (`ray status "
+                                f"{one_line(exc.details())}); check that its head node is up (`ray status "
                                 f"--address {where}` on the head)") from None
         return True
     finally:
@@ -212,7 +207,7 @@ def join_cluster(address: str, source: str = "--address", verbose: bool = False)
         # Joining a cluster: resources are the cluster's (passing num_cpus here raises).
         ray.init(address=target, log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.WARNING)
     except (ConnectionError, RuntimeError, ValueError) as exc:   # e.g. Ray or Python version mismatch
-        raise ResourceError(f"cannot join the Ray cluster at {target} ({source}): {_one_line(str(exc))}") from None
+        raise ResourceError(f"cannot join the Ray cluster at {target} ({source}): {one_line(str(exc))}") from None
 
 
 def keep_embedded_ray_local() -> None:
@@ -256,177 +251,66 @@ def _set_ray_cluster_constant(value: bool) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# What a multi-node run needs
+# Starting or joining Ray
 # ---------------------------------------------------------------------------------------------------------
-def node_report(marker: str, nonce: str, data_path: str | None = None, state_api: bool = True) -> dict:
-    """What one node sees. Runs in a Ray task on that node (and in tests, directly): the marker the driver
-    wrote in the output folder, that folder being writable, the data path, Ray's state API."""
-    problems: dict[str, str] = {}
-    path = Path(marker)
-    try:
-        if path.read_text() != nonce:
-            problems["output_dir"] = "sees another folder at that path (the marker it holds is not the driver's)"
-    except FileNotFoundError:
-        problems["output_dir"] = "does not see the file the driver just wrote there"
-    except OSError as exc:
-        problems["output_dir"] = f"cannot read it ({exc.strerror or type(exc).__name__})"
-    if "output_dir" not in problems:
-        probe = path.with_name(f"{path.name}.{os.getpid()}")
-        try:
-            probe.write_text(nonce)
-            probe.unlink()
-        except OSError as exc:
-            problems["output_dir"] = f"cannot write there ({exc.strerror or type(exc).__name__})"
-    if data_path and not Path(data_path).exists():
-        problems["data_path"] = "does not exist there"
-    if state_api:
-        problems.update(_state_api_problem())
-    return {"host": socket.gethostname(), "problems": problems}
+def ray_env(embedded: bool) -> dict[str, str]:
+    """Environment for the Tune trainables, which Ray Train propagates to its controller and workers.
+
+    Values already set in the driver's environment win (e.g. a longer health-check interval on a big cluster).
+    """
+    env = {
+        "RAY_TRAIN_V2_ENABLED": "1",
+        # Keep the launch directory as cwd (relative data paths keep working; ours are absolute anyway).
+        "RAY_CHDIR_TO_TRIAL_DIR": "0",
+        # The controller polls its workers every 2 s by default: each report, and the end of every run,
+        # waits up to one interval. 0.2 s makes that negligible at the cost of a few cheap RPCs.
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
+    }
+    if embedded:
+        # One machine, no autoscaler, no metrics collector: preemption watching and Prometheus metrics only cost
+        # an extra actor process per trial.
+        env.update(RAY_TRAIN_ENABLE_PREEMPTION_WATCHER="0", RAY_TRAIN_METRICS_ENABLED="0")
+    return {key: os.environ.get(key, value) for key, value in env.items()}
 
 
-def _state_api_problem() -> dict[str, str]:
-    """Ray's state API as Ray Train's PlacementGroupCleaner calls it from this node (no address: Ray finds the
-    dashboard from RAY_API_SERVER_ADDRESS, RAY_ADDRESS or the last `ray start` in /tmp/ray). It must answer, and
-    for this cluster: with several Ray instances on a node it can answer for another one, or not at all."""
-    import ray
-    from ray.util.state import list_nodes
-
-    find_it = ("export RAY_API_SERVER_ADDRESS=http://HEAD:DASHBOARD_PORT before `ray start` on every node (needed "
-               "with several Ray instances on a node, or a `ray start --temp-dir` other than /tmp/ray)")
-    try:
-        nodes = list_nodes(limit=10_000, timeout=STATE_API_TIMEOUT_S, raise_on_missing_output=False)
-    except ConnectionError as exc:     # Ray could not tell which local Ray instance to ask
-        return {"state_api": f"{_short(exc)}; {find_it}"}
-    except Exception as exc:  # noqa: BLE001 -- any failure means Ray Train's cleaner would fail the same way
-        return {"state_api": f"{type(exc).__name__}: {_short(exc)}; the head must run the dashboard where every node "
-                             "reaches it: `ray start --head --dashboard-host=0.0.0.0` (or the head's IP; not "
-                             "--include-dashboard=false), with ray[default] installed on every node"}
-    if ray.get_runtime_context().get_node_id() not in {n.node_id for n in nodes}:
-        return {"state_api": f"it answers for another Ray cluster; {find_it}"}
-    return {}
+def _quiet_driver(verbose: bool) -> None:
+    """Ray's own output is off by default (the driver prints one line per task and trial); --verbose shows it."""
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")              # legacy Tune reporter: silent at verbose=0
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # results live in trials/<name>/result.json
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
+    level = logging.INFO if verbose else logging.ERROR
+    # ...including the notice that the embedded Ray uses token authentication (it should: keep it on).
+    for name in ("ray.tune", "ray.train", "ray.air", "ray.data", "ray._private.authentication"):
+        logging.getLogger(name).setLevel(level)
 
 
-def check_cluster(output_dir: str | Path, data_path: str | None = None, tracking_uri: str | None = None,
-                  download: bool = False, timeout: float = NODE_CHECK_TIMEOUT_S) -> int:
-    """Check, on every alive node of the connected cluster, what a multi-node run needs; returns the number of
-    nodes checked. The first problem raises one line (ResourceError, DataError). Leaves nothing behind: the
-    marker file, and the folders created to hold it, are removed."""
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    if tracking_uri:
-        _check_tracking_from_driver(tracking_uri)
-    output_dir = Path(output_dir).resolve()
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    check = ray.remote(num_cpus=0, max_retries=0)(node_report)
-    nonce = secrets.token_hex(16)
-    marker = output_dir / f".clbench-cluster-check-{nonce[:12]}"
-    created = _missing_parents(output_dir)
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        marker.write_text(nonce)
-        # The data path only has to exist up front when the trials will not download it.
-        wanted_data = None if download else data_path
-        refs = {check.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
-                .remote(str(marker), nonce, wanted_data): n for n in nodes}
-        ready, pending = ray.wait(list(refs), num_returns=len(refs), timeout=timeout)
-        for ref in pending:
-            ray.cancel(ref, force=True)
-        reports = [(refs[ref], ray.get(ref)) for ref in ready]
-    finally:
-        marker.unlink(missing_ok=True)
-        for folder in created:
-            try:
-                folder.rmdir()
-            except OSError:
-                pass
-    if pending:
-        node = refs[pending[0]]
-        raise ResourceError(f"Ray node {_node_name(node)} did not run the cluster check within {timeout:g} s; check "
-                            "`ray status` and that node's logs (is it overloaded, or missing this Python "
-                            "environment?)")
-    raise_first_problem(reports, output_dir, data_path)
-    if (warning := state_api_warning(reports)) is not None:
-        print(warning, file=sys.stderr)
-    return len(reports)
-
-
-def raise_first_problem(reports: list[tuple[dict, dict]], output_dir: Path, data_path: str | None) -> None:
-    """One line for the first kind of problem the nodes reported ((ray.nodes() entry, node_report) pairs)."""
-    for key in ("output_dir", "data_path"):
-        bad = [(node, rep) for node, rep in reports if key in rep["problems"]]
-        if not bad:
-            continue
-        node, rep = bad[0]
-        names = _node_name(node, rep) + (f" and {len(bad) - 1} more node(s)" if len(bad) > 1 else "")
-        reason = rep["problems"][key]
-        if key == "output_dir":
-            raise ResourceError(f"--output-dir {output_dir} must be shared storage that every node writes, but Ray "
-                                f"node {names} {reason}; mount the same shared folder (NFS, Lustre, EFS, ...) at the "
-                                "same path on every node and use it as --output-dir")
-        if key == "data_path":
-            raise DataError(f"--data-path {data_path} {reason} on Ray node {names}: make the dataset readable at the "
-                            "same path on every node (shared storage, or a copy on each)")
-
-
-def state_api_warning(reports: list[tuple[dict, dict]]) -> str | None:
-    """A warning (not an error) when Ray's state API fails on some node: Ray Train's own background cleaner needs
-    it to free a stopped multi-worker trial's placement group, but the driver frees those itself
-    (harness.ray_cleanup), so runs go on; `ray list ...` and the dashboard will not work from there."""
-    bad = [(node, rep) for node, rep in reports if "state_api" in rep["problems"]]
-    if not bad:
-        return None
-    node, rep = bad[0]
-    names = _node_name(node, rep) + (f" and {len(bad) - 1} more node(s)" if len(bad) > 1 else "")
-    return (f"warning: Ray's state API fails on Ray node {names}: {rep['problems']['state_api']} (the harness frees "
-            "stopped trials' resources itself; Ray's own tools that need the state API will not work there)")
-
-
-def _check_tracking_from_driver(uri: str) -> None:
-    """Runs are logged by the driver only, so the driver is where the server must answer."""
-    from harness.tracking import is_server, probe_server
-
-    if not is_server(uri):
-        return
-    try:
-        probe_server(uri)
-    except HarnessError as exc:
-        raise ResourceError(f"{exc} (checked on {socket.gethostname()}, where this benchmark's driver logs its runs; "
-                            "with `ray job submit` that is the head node)") from None
-
-
-def _missing_parents(folder: Path) -> list[Path]:
-    """The folders that do not exist yet from `folder` up, deepest first (removed again after the check)."""
-    missing = []
-    while not folder.exists():
-        missing.append(folder)
-        folder = folder.parent
-    return missing
-
-
-def _node_name(node: dict, report: dict | None = None) -> str:
-    host = (report or {}).get("host") or node.get("NodeManagerHostname") or "?"
-    return f"{node.get('NodeManagerAddress', '?')} ({host})"
-
-
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
-
-
-def _short(exc: BaseException, limit: int = 200) -> str:
-    text = _one_line(str(exc))
-    return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " ..."
-
-
-def preflight_cluster(address: str | None, output_dir: str | Path, data_path: str | None = None,
-                      tracking_uri: str | None = None, download: bool = False, verbose: bool = False) -> bool:
-    """For a run on a cluster (an address given or in RAY_ADDRESS): join it and check it, before anything
-    else is written. The connection is kept for the run. False (and nothing done) for an embedded Ray."""
-    joined, _ = cluster_address(address)
-    if joined is None:
+def init_ray(address: str | None = None, verbose: bool = False) -> bool:
+    """Join `address` (else RAY_ADDRESS), or start an embedded single-machine Ray bound to 127.0.0.1. True when
+    Ray was started here (the caller shuts it down). An already initialised Ray session is reused as is.
+    Joining probes the address first and picks up the cluster's token authentication (join_cluster above): a bad
+    address or a missing token is one error line, not a traceback after 40 s of retries."""
+    _quiet_driver(verbose)
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
         return False
-    from harness.ray_launch import init_ray
+    target, source = cluster_address(address)
+    if target:
+        join_cluster(target, source, verbose)
+        return True
+    keep_embedded_ray_local()      # before Ray is imported where possible: Ray reads it at import
+    import ray
 
-    init_ray(address, verbose)
-    check_cluster(output_dir, data_path, tracking_uri, download)
+    # Embedded: workers must import harness/ and methods/ whatever the driver's cwd is.
+    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if str(ROOT) not in paths:
+        os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), *paths])
+    # The dashboard (bound to 127.0.0.1; needs ray[default]) serves Ray's state API, which Ray Train's
+    # PlacementGroupCleaner needs to see that a trial's controller is gone: without it, a trial that Tune stops
+    # early (ASHA) keeps its workers' CPUs reserved forever and later trials wait for ever (measured: a sweep on
+    # 2 CPUs hung after its second early stop).
+    # address="local": a new instance even when `ray start` runs on this machine (ray.init() would join that one).
+    level = logging.INFO if verbose else logging.WARNING
+    ray.init(address="local", num_cpus=os.cpu_count(), log_to_driver=verbose, logging_level=level,
+             include_dashboard=True, dashboard_host="127.0.0.1", **embedded_state_api())
     return True

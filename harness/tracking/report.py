@@ -1,7 +1,7 @@
 """Leaderboard: trial runs read back from any MLflow tracking URI, mean +- std per method x suite x variant.
 
     python run_benchmark.py report --tracking-uri sqlite:////abs/results/mlflow.db --output-dir results
-    python -m harness.report --tracking-uri http://127.0.0.1:5000 --experiment clbench
+    python -m harness.tracking.report --tracking-uri http://127.0.0.1:5000 --experiment clbench
 
 Rules (also in docs/TRACKING.md):
 - One row per (method, suite, variant, config hash): runs of different options never average together.
@@ -27,10 +27,10 @@ import pandas as pd
 import yaml
 
 from harness.errors import ConfigError, HarnessError
-from harness.tracking import (DEFAULT_EXPERIMENT, STATUS_FINISHED, classes_seen, is_server, make_client,
+from harness.tracking.store import (DEFAULT_EXPERIMENT, STATUS_FINISHED, classes_seen, is_server, make_client,
                               probe_server, resolve_tracking_uri, sqlite_path)
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PUBLISHED = ROOT / "benchmarks" / "published.yaml"
 GROUP_KEYS = ["method", "suite", "variant", "config_hash"]
 FAILED_STATUSES = {"FAILED", "KILLED"}
@@ -332,7 +332,7 @@ def write_curve_plots(tracking_uri: str, trials: pd.DataFrame, output_dir: str |
     trials' per-step accuracy, sample-std band)."""
     import numpy as np
 
-    from harness import plots
+    from harness.tracking import plots
 
     if trials.empty:
         return []

@@ -1,4 +1,4 @@
-"""The method contract: a small class with hooks; the harness owns the loop (harness.loop).
+"""The method contract: a small class with hooks; the harness owns the loop (harness.core.loop).
 
 A method never sees Ray, MLflow, samplers or optimizers' bookkeeping. It builds `self.model`, grows it in
 `before_task`, returns a loss from `training_step`, and answers `predict` / `features`.
