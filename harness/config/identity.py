@@ -5,6 +5,7 @@ import hashlib
 import json
 
 from harness.config.compose import config_hash
+from harness.data.checks import dataset_fingerprint
 
 # Options that do not change a trial's results: excluded from the trial name's hash. What does change them and
 # is not an option is added to the config before naming: `data_fingerprint` (the files actually read, their
@@ -17,10 +18,8 @@ RUNTIME_KEYS = {"orders", "seeds", "seed", "class_order", "output_dir", "loader_
 
 def fix_identity(config: dict, threads_per_worker: int) -> None:
     """Add to `config` what changes a trial's numbers without being an option: the data actually read and the
-    torch threads per worker (harness.launch.resolve_threads). A changed input then gets new trial names and is
+    torch threads per worker (harness.run.launch.resolve_threads). A changed input then gets new trial names and is
     never served an old result."""
-    from harness.data import dataset_fingerprint
-
     config["data_fingerprint"] = dataset_fingerprint(config)
     config["threads_per_worker"] = int(threads_per_worker)
 

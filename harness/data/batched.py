@@ -31,6 +31,7 @@ from torchvision.transforms.v2 import functional as F
 
 from harness.data.base import DatasetInfo
 from harness.data.image_folder import SMALL_IMAGE
+from harness.data.transforms import augment_name, augment_steps, normalization
 from harness.errors import ConfigError
 
 # ---- crop, flip, normalise ----------------------------------------------------------------------------------
@@ -149,8 +150,6 @@ class BatchedTrainTransform:
 
 def build_batched_transform(info: DatasetInfo, options: dict | None = None) -> BatchedTrainTransform:
     """The batched equivalent of `build_transform(info, train=True, options)`: same steps, same parameters."""
-    from harness.data.transforms import augment_name, augment_steps, normalization
-
     options = options or {}
     augment = augment_name(options)
     native = info.image_size or 224
