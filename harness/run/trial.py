@@ -212,7 +212,7 @@ def run_trial(spec: dict, ctx: RuntimeContext) -> dict:
                           config["eval_batch_size"])
         for head, (pred, top5) in outputs.items():
             metrics.add_task(t, pred, test_data.y, task_ids, head=head, top5_correct=top5)
-        row = _task_row(metrics, t, stats, method)
+        row = task_row(metrics, t, stats, method)
         if validation:   # what a sweep's scheduler reads (ASHA: time = tasks seen, metric = val accuracy)
             row.update(tasks_seen=t + 1, val_accuracy=row["accuracy"])
         history.append(row)
@@ -238,7 +238,7 @@ def run_trial(spec: dict, ctx: RuntimeContext) -> dict:
     }
 
 
-def _task_row(metrics: ContinualMetrics, t: int, stats: dict, method: Method) -> dict:
+def task_row(metrics: ContinualMetrics, t: int, stats: dict, method: Method) -> dict:
     summary = metrics.summary()
     row = {"task": t, "loss": stats["loss"], "epoch_time_s": stats["epoch_time"],
            "images_per_s": stats["images_per_s"], "parameters": method.parameter_count(),
