@@ -74,8 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def overrides_from_args(args: argparse.Namespace, config_defaults: dict) -> dict:
-    from harness.config.compose import parse_value
+def overrides_from_args(args: argparse.Namespace) -> dict:
+    from harness.config.compose import parse_overrides
 
     out = {"data_path": str(Path(args.data_path).resolve()) if args.data_path else None,
            "download": True if args.download else None, "batch_size": args.batch_size,
@@ -88,13 +88,7 @@ def overrides_from_args(args: argparse.Namespace, config_defaults: dict) -> dict
         out["incremental_batch_size"] = args.batch_size
     if args.lr is not None:
         out.update(lr=args.lr, incremental_lr=args.lr)
-    for item in args.set:
-        if "=" not in item:
-            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
-        key, value = item.split("=", 1)
-        if not key.strip():
-            raise ConfigError(f"--set {item!r} has no option name; use KEY=VALUE, e.g. --set lr=0.05")
-        out[key.strip()] = parse_value(value)
+    out.update(parse_overrides(args.set))
     return out
 
 
@@ -171,12 +165,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from harness.run.launch import launch, resolve_threads
     from harness.run.preflight import preflight
-    from harness.run.results import summary_table, to_markdown
+    from harness.run.results import summary_markdown, summary_table
     from harness.config.identity import expand_trials, fix_identity
 
     # Pre-flight: every check of the input before anything is written (no output folder, MLflow store or Ray).
     check_flags(args)
-    config, origins = compose_config(args.method, args.suite, args.options, overrides_from_args(args, {}),
+    config, origins = compose_config(args.method, args.suite, args.options, overrides_from_args(args),
                                      args.recipe)
     if args.epochs is not None:
         apply_epochs(config, args.epochs)
@@ -219,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         table = summary_table(results)
         output_dir.mkdir(parents=True, exist_ok=True)
         table.to_csv(output_dir / "summary.csv", index=False)
-        (output_dir / "summary.md").write_text(to_markdown(table) + "\n")
+        (output_dir / "summary.md").write_text(summary_markdown(table) + "\n")
         board = tracker.end_benchmark(results, specs) if tracker is not None else None
         print()
         if board is not None and not board.empty:
@@ -229,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
             print(board_markdown(board))
             print(f"\nwritten: {csv_path}, {md_path}, {output_dir / 'summary.csv'}; MLflow store: {tracker.uri}")
         else:
-            print(to_markdown(table))
+            print(summary_markdown(table))
     failed = [r for r in results if r.get("status") != "finished"]
     if failed:
         print(f"{len(failed)} trial(s) failed; see {output_dir}/trials/<name>/result.json", file=sys.stderr)

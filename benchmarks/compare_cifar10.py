@@ -52,15 +52,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def overrides_for(method: str, args: argparse.Namespace) -> dict:
-    from harness.config.compose import parse_value
-    from harness.errors import ConfigError
+    from harness.config.compose import parse_overrides
 
-    out: dict = {}
-    for item in args.set:
-        if "=" not in item:
-            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
-        key, value = item.split("=", 1)
-        out[key.strip()] = parse_value(value)
+    out = parse_overrides(args.set)
     if args.orders:
         out["orders"] = list(args.orders)
     return out

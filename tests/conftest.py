@@ -1,5 +1,7 @@
 import os
+import socket
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -24,3 +26,16 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def free_port() -> Callable[[], int]:
+    """Call it for a TCP port on 127.0.0.1 that nothing listens on (free when asked: a server to start, or a
+    closed port to fail on)."""
+    return _free_port

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -27,12 +26,6 @@ NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible:
 AS_ROOT = pytest.mark.skipif(getattr(os, "geteuid", lambda: 1)() == 0, reason="root writes through permission bits")
 LINUX = pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs /proc (Linux)")
 CLI = "cli"        # also run as a real process
-
-
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---- files some cases point at (created in the test's tmp folder, part of what must stay unchanged) -----------
@@ -195,8 +188,8 @@ PARAMS = [pytest.param(case[0], case[1], case[2], case[3], i % 2 == 1, id=case[0
 
 @pytest.mark.parametrize("case_id,extra,words,how,prefilled", PARAMS)
 def test_bad_input_is_one_error_line_and_nothing_is_written(case_id, extra, words, how, prefilled, tmp_path,
-                                                            monkeypatch):
-    port = _closed_port()
+                                                            monkeypatch, free_port):
+    port = free_port()
     _write_inputs(tmp_path)
     out = tmp_path / "out"
     if prefilled:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import http.server
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -20,12 +19,6 @@ from harness.run.ray_session import parse_address, prepare_connection
 from harness.errors import ConfigError, DataError, ResourceError
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize("address, phrase", [
@@ -46,8 +39,8 @@ def test_ipv6_address_parses() -> None:
     assert parse_address("[::1]:6379") == ("::1", 6379)
 
 
-def test_nothing_listening_is_one_line_at_once() -> None:
-    port = closed_port()
+def test_nothing_listening_is_one_line_at_once(free_port) -> None:
+    port = free_port()
     start = time.monotonic()
     with pytest.raises(ResourceError, match=f"nothing listens at 127.0.0.1:{port}"):
         prepare_connection(f"127.0.0.1:{port}")
@@ -80,8 +73,8 @@ def test_a_grpc_server_that_is_not_a_gcs_is_one_line() -> None:
         server.stop(0)
 
 
-def test_unreachable_address_from_the_cli_is_one_line_and_writes_nothing(tmp_path: Path) -> None:
-    port = closed_port()
+def test_unreachable_address_from_the_cli_is_one_line_and_writes_nothing(tmp_path: Path, free_port) -> None:
+    port = free_port()
     env = {**os.environ, "RAY_ADDRESS": f"127.0.0.1:{port}"}
     proc = subprocess.run([sys.executable, "run_benchmark.py", "--method", "replay", "--suite", "digits-5x2",
                            "--output-dir", str(tmp_path / "out")], cwd=ROOT, env=env, capture_output=True,

@@ -14,7 +14,7 @@ mlflow = pytest.importorskip("mlflow")
 from harness.tracking import plots  # noqa: E402
 from harness.errors import ConfigError  # noqa: E402
 from harness.tracking.report import (PUBLISHED, find_published, leaderboard, load_published, main,  # noqa: E402
-                            summarize, to_markdown)
+                                     summary_by_group, to_markdown)
 from harness.tracking.trackers import BenchmarkTracker  # noqa: E402
 from test_tracking import color_pixels, make_config, make_result, make_specs  # noqa: E402
 
@@ -66,50 +66,117 @@ def store(tmp_path_factory):
 # Published numbers
 # ---------------------------------------------------------------------------------------------------------
 DISTRIBUTED = {"memory_mode": "distributed", "memory_shards": 2, "memory_size": 2000}
+NUMBER_KEYS = ("avg_inc_acc", "last_acc", "avg_inc_acc_std", "last_acc_std", "top5_avg_inc_acc", "top5_last_acc")
 
 
-def test_published_numbers_are_the_reference_ones():
+def test_every_published_entry_has_a_source_a_protocol_and_percentages():
     entries = load_published()
-
-    def pub(method, suite, variant=None, protocol=None):
-        e = find_published(entries, method, suite, variant, protocol)
-        return (e["avg_inc_acc"], e["last_acc"]) if e else None
-
-    # a default run holds one global memory: its row is the erratum's global-memory one
-    assert pub("dytox", "cifar100") == (67.33, 51.68) == pub("dytox", "cifar100-10steps", "cifar100")
-    assert pub("dytox", "cifar100-20steps") == (67.30, 48.45)
-    assert pub("dytox", "cifar100-50steps") == (64.39, 43.47)
-    # the distributed-memory emulation (2 shards of 1k) is compared with the distributed rows
-    assert pub("dytox", "cifar100", protocol=DISTRIBUTED) == (71.50, 57.76)
-    assert pub("dytox", "cifar100-20steps", protocol=DISTRIBUTED) == (68.86, 51.47)
-    assert pub("dytox", "cifar100-50steps", protocol=DISTRIBUTED) == (64.82, 45.61)
-    dytox = find_published(entries, "dytox", "cifar100", None, DISTRIBUTED)
-    assert "erratum" in dytox["source"] and "distributed memory" in dytox["note"]
-    assert pub("dytox", "cifar100", "plus", DISTRIBUTED) == (74.10, 62.34)   # DyTox+ erratum, via an alias
-    assert pub("dytox", "cifar100", "plus") is None                          # no global-memory DyTox+ CIFAR row
-    assert pub("dytox", "cifar100", "erratum-globalmem") == (67.33, 51.68)
-    assert pub("dytox", "cifar100", "erratum-distmem") is None               # named, but another protocol
-    assert pub("dytox", "cifar100", "paper") is None                         # 2 GPUs x 2k: not this run's
-    assert pub("dytox", "cifar100", "paper", {**DISTRIBUTED, "memory_size": 4000}) == (73.66, 60.67)
-    assert pub("dytox", "cifar100", None, {**DISTRIBUTED, "memory_shards": 4}) is None   # other shard count
-    icarl = [pub("icarl", f"cifar100-{n}steps") for n in (10, 20, 50)]
-    assert icarl == [(65.27, 50.74), (61.20, 43.75), (56.08, 36.62)]
-    assert pub("icarl", "cifar100", protocol=DISTRIBUTED) is None            # rows without protocol: global
-    der = [pub("der", f"cifar100-{n}steps") for n in (10, 20, 50)]
-    assert der == [(75.36, 65.22), (74.09, 62.48), (72.41, 59.08)]
-    assert pub("dytox", "imagenet100") == (71.85, 57.94)
-    in100 = {"memory_mode": "distributed", "memory_shards": 4, "memory_size": 2000}
-    assert pub("dytox", "imagenet100", protocol=in100) == (73.96, 62.20)
-    assert pub("dytox", "imagenet100", "plus") == (77.62, 65.94)             # DyTox+ global memory
-    assert pub("dytox", "imagenet1000") == (68.14, 59.75)
-    assert pub("dytox", "imagenet1000", protocol={**in100, "memory_size": 20000}) is None   # "TBD" in the erratum
-    assert pub("icarl", "imagenet1000") == (38.40, 22.70)
-    assert pub("replay", "cifar100") is None and pub("dytox", "cifar10-mini") is None
-    # one primary entry per method x suite x memory placement, every entry with a source
+    assert len(entries) > 50
+    for e in entries:
+        where = f"{e['method']} {e['suites']} {e['variant']}"
+        assert isinstance(e["source"], str) and e["source"].strip(), where
+        assert e["suites"] and all(isinstance(s, str) for s in e["suites"]), where
+        protocol = e.get("protocol") or {}          # absent: one global memory of any size (published.yaml)
+        assert set(protocol) <= {"memory_mode", "memory_shards", "memory_size"}, where
+        assert protocol.get("memory_mode", "global") in ("global", "distributed"), where
+        assert all(isinstance(protocol[k], int) and protocol[k] > 0 for k in ("memory_shards", "memory_size")
+                   if k in protocol), where
+        assert "memory_shards" not in protocol or protocol["memory_mode"] == "distributed", where
+        numbers = [e[k] for k in NUMBER_KEYS if e.get(k) is not None]
+        assert numbers or e["method"] == "joint", where
+        assert all(isinstance(v, (int, float)) and 0 <= v <= 100 for v in numbers), where
+    # one primary entry per method x suite x memory placement: what a run without a variant compares to
     primaries = [(e["method"], s, (e.get("protocol") or {}).get("memory_mode", "global"))
                  for e in entries if e.get("primary") for s in e["suites"]]
     assert len(primaries) == len(set(primaries))
-    assert all(e["source"].strip() for e in entries)
+
+
+def test_a_run_is_compared_with_the_entry_of_its_own_protocol():
+    """Which entry find_published picks (by variant and memory protocol); the numbers are checked against the
+    reference notes below."""
+    entries = load_published()
+
+    def variant(method, suite, name=None, protocol=None):
+        e = find_published(entries, method, suite, name, protocol)
+        return e and e["variant"]
+
+    # a default run holds one global memory: the erratum's global-memory row; the distributed emulation: its row
+    for suite in ("cifar100", "cifar100-10steps", "cifar100-20steps", "cifar100-50steps"):
+        assert variant("dytox", suite) == "erratum-globalmem"
+        assert variant("dytox", suite, protocol=DISTRIBUTED) == "erratum-distmem"
+    assert variant("dytox", "cifar100", "plus", DISTRIBUTED) == "plus-erratum-distmem"    # through an alias
+    assert variant("dytox", "cifar100", "plus") is None          # no global-memory DyTox+ CIFAR row
+    assert variant("dytox", "cifar100", "erratum-globalmem") == "erratum-globalmem"
+    assert variant("dytox", "cifar100", "erratum-distmem") is None    # named, but measured under another protocol
+    assert variant("dytox", "cifar100", "paper") is None              # 2 GPUs x 2k: not this run's memory
+    assert variant("dytox", "cifar100", "paper", {**DISTRIBUTED, "memory_size": 4000}) == "paper"
+    assert variant("dytox", "cifar100", None, {**DISTRIBUTED, "memory_shards": 4}) is None   # other shard count
+    assert variant("dytox", "cifar100", "cpu+plus", DISTRIBUTED) == "plus-erratum-distmem"  # last options file
+    assert variant("icarl", "cifar100-20steps") == "resnet18"
+    assert variant("icarl", "cifar100", protocol=DISTRIBUTED) is None   # entries without protocol: global
+    assert variant("dytox", "imagenet100", "plus") == "plus-erratum-globalmem"
+    assert variant("replay", "cifar100") is None and variant("dytox", "cifar10-mini") is None
+
+
+def _reference_table(text: str, heading: str) -> list[list[str]]:
+    """The rows of the Markdown table under `heading` in the reference notes (header and rule excluded)."""
+    lines = text[text.index(heading):].splitlines()[1:]
+    rows = []
+    for line in lines:
+        if not line.startswith("|"):
+            if rows:
+                break
+            continue
+        rows.append([c.strip() for c in line.strip().strip("|").split("|")])
+    return rows[2:]
+
+
+def _cell(text: str) -> tuple[float | None, float | None]:
+    """`65.27±1.02` -> (65.27, 1.02); `50.74` -> (50.74, None); `–` -> (None, None)."""
+    if text in ("–", "-", "—"):
+        return None, None
+    value, _, std = text.partition("±")
+    return float(value), float(std) if std else None
+
+
+# The reference's tables (../shared/reference/dytox.md 4.1 and 4.2): suite -> its columns (#P, then the numbers)
+CIFAR_TABLE = {"cifar100-10steps": 1, "cifar100-20steps": 4, "cifar100-50steps": 7}
+IMAGENET_TABLE = {"imagenet100": 1, "imagenet1000": 6}
+
+
+@pytest.mark.skipif(not (REFERENCE / "dytox.md").is_file(), reason=f"reference notes not found: {REFERENCE}")
+def test_published_table_numbers_are_the_reference_tables():
+    """Every entry taken from the DyTox paper/README CIFAR-100 or ImageNet table equals that table's cell (mean,
+    std, #params), read from the reference notes."""
+    text = (REFERENCE / "dytox.md").read_text()
+    label = lambda name: name.lower().replace(" (pruned)", "")  # noqa: E731  (4.1 says "DER† (pruned)")
+    cifar = {label(r[0]): r for r in _reference_table(text, "### 4.1 ")}
+    imagenet = {label(r[0]): r for r in _reference_table(text, "### 4.2 ")}
+    rows = {("icarl", "resnet18"): "icarl", ("ucir", "resnet18"): "ucir", ("bic", "resnet18"): "bic",
+            ("wa", "resnet18"): "wa", ("podnet", "resnet18"): "podnet", ("der", "wo-pruning"): "der w/o p",
+            ("der", "pruned"): "der†", ("dytox", "paper"): "dytox", ("dytox", "plus-paper"): "dytox+",
+            ("joint", "resnet18"): "resnet18 joint"}
+    checked = 0
+    for e in load_published():
+        if "paper/README CIFAR100 table" in e["source"]:
+            table, columns, keys = cifar, CIFAR_TABLE, ("avg_inc_acc", "last_acc")
+        elif "paper/README ImageNet table" in e["source"]:
+            table, columns, keys = imagenet, IMAGENET_TABLE, ("avg_inc_acc", "last_acc", "top5_avg_inc_acc",
+                                                              "top5_last_acc")
+        else:
+            continue
+        row = table[rows[(e["method"], e["variant"])]]
+        suite = next(s for s in e["suites"] if s in columns)
+        first = columns[suite]
+        where = f"{e['method']} {e['variant']} {suite}"
+        if "params_m" in e:
+            assert _cell(row[first])[0] == e["params_m"], where
+        for i, key in enumerate(keys):
+            value, std = _cell(row[first + 1 + i])
+            assert e.get(key) == value, f"{where} {key}"
+            assert e.get(f"{key}_std") == std, f"{where} {key}_std"
+        checked += 1
+    assert checked >= 40
 
 
 @pytest.mark.skipif(not REFERENCE.is_dir(), reason=f"reference notes not found: {REFERENCE}")
@@ -133,13 +200,13 @@ def _trial(method, order, status, aia=math.nan, last=math.nan, params=1e6, wall=
             "top5_avg_inc_acc": math.nan, "top5_last_acc": math.nan}
 
 
-def test_summarize_means_stds_and_failures():
+def test_summary_by_group_means_stds_and_failures():
     trials = pd.DataFrame([_trial("icarl", "order1", "FINISHED", 66.0, 51.0, world=2),
                            _trial("icarl", "order2", "FINISHED", 64.0, 49.5, world=2),
                            _trial("icarl", "order3", "FINISHED", 65.5, 50.0, world=2),
                            _trial("icarl", "order4", "FAILED", 10.0, 5.0, error="OOM"),
                            _trial("icarl", "order5", "RUNNING", 99.0, 99.0)])
-    row = summarize(trials, load_published()).iloc[0]
+    row = summary_by_group(trials, load_published()).iloc[0]
     assert (row["trials"], row["finished"], row["failed"], row["unfinished"]) == (5, 3, 1, 1)
     assert row["avg_inc_acc_mean"] == pytest.approx(statistics.mean([66.0, 64.0, 65.5]))     # 65.1667
     assert row["avg_inc_acc_std"] == pytest.approx(statistics.stdev([66.0, 64.0, 65.5]))     # ddof=1
@@ -149,7 +216,7 @@ def test_summarize_means_stds_and_failures():
     assert row["compute_h"] == pytest.approx(3 * 100.0 * 2 / 3600)     # finished trials, worker-hours
     assert "order4 seed 1993: FAILED (OOM)" in row["not_finished_trials"]
     assert "order5 seed 1993: RUNNING" in row["not_finished_trials"]
-    md = to_markdown(summarize(trials, load_published()))
+    md = to_markdown(summary_by_group(trials, load_published()))
     lines = md.splitlines()
     assert lines[0].startswith("| Method | Suite | Variant |") and set(lines[1]) <= {"|", "-"}
     assert "| icarl | cifar100 | default | 3 | 1 | 1 | 65.17 ± 1.04 | 50.17 ± 0.76 |" in lines[2]
@@ -158,9 +225,9 @@ def test_summarize_means_stds_and_failures():
 
 
 def test_single_trial_has_no_std():
-    row = summarize(pd.DataFrame([_trial("icarl", "order1", "FINISHED", 66.0, 51.0)]), []).iloc[0]
+    row = summary_by_group(pd.DataFrame([_trial("icarl", "order1", "FINISHED", 66.0, 51.0)]), []).iloc[0]
     assert row["avg_inc_acc_mean"] == 66.0 and math.isnan(row["avg_inc_acc_std"])
-    one = summarize(pd.DataFrame([_trial("icarl", "o", "FINISHED", 66.0, 51.0)]), [])
+    one = summary_by_group(pd.DataFrame([_trial("icarl", "o", "FINISHED", 66.0, 51.0)]), [])
     assert "| 66.00 ± n/a | 51.00 ± n/a |" in to_markdown(one)          # not "± 0.00": a std needs 2 trials
 
 
@@ -173,14 +240,14 @@ def test_deltas_compare_runs_of_the_same_memory_protocol():
     trials = pd.DataFrame([dytox("order1", 68.0, 52.0, memory_mode="global", memory_size=2000),
                            dytox("order2", 66.0, 50.0, memory_mode="global", memory_size=2000),
                            dytox("order1", 72.0, 58.0, memory_mode="distributed", memory_shards=2, memory_size=2000)])
-    table = summarize(trials, load_published()).set_index("memory_mode")
+    table = summary_by_group(trials, load_published()).set_index("memory_mode")
     glob, dist = table.loc["global"], table.loc["distributed"]
     assert (glob["published_variant"], glob["published_avg_inc_acc"]) == ("erratum-globalmem", 67.33)
     assert glob["diff_avg_inc_acc"] == pytest.approx(67.0 - 67.33)
     assert glob["diff_last_acc"] == pytest.approx(51.0 - 51.68)
     assert (dist["published_variant"], dist["published_last_acc"]) == ("erratum-distmem", 57.76)
     assert dist["diff_last_acc"] == pytest.approx(58.0 - 57.76)
-    md = to_markdown(summarize(trials, load_published()))
+    md = to_markdown(summary_by_group(trials, load_published()))
     assert "67.33 / 51.68 (erratum-globalmem)" in md and "71.50 / 57.76 (erratum-distmem)" in md
     assert "72.00 ± n/a" in md and "67.00 ± 1.41" in md
 

@@ -25,6 +25,7 @@ from harness.tracking import plots  # noqa: E402
 from harness.errors import ConfigError, ResourceError  # noqa: E402
 from harness.run.events import TrialEvents  # noqa: E402
 from harness.core.metrics import ContinualMetrics  # noqa: E402
+from harness.run.trial import task_row  # noqa: E402
 from harness.tracking.store import TRUNCATED, check_tracking, resolve_tracking_uri  # noqa: E402
 from harness.tracking.trackers import BenchmarkTracker  # noqa: E402
 from harness.tracking.trial_logger import TrialLogger  # noqa: E402
@@ -41,19 +42,21 @@ def accuracy_matrix(accs: list[float]) -> list[list[float]]:
     return [[accs[t] + 4 * j - 2 * t for j in range(t + 1)] for t in range(len(accs))]
 
 
-def task_row(metrics: ContinualMetrics, t: int) -> dict:
-    """The row harness.run.trial makes after task t (same keys; training stats made up but plausible)."""
-    summary = metrics.summary()
-    row = {"task": t, "loss": 2.3 / (t + 1), "epoch_time_s": 4.0 + t, "images_per_s": 510.0 + 10 * t,
-           "parameters": 464_154 + 130 * t}
-    for head, values in summary.items():
-        prefix = "" if head == next(iter(summary)) else f"{head}_"
-        row[f"{prefix}accuracy"] = values["accuracies"][-1]
-        row[f"{prefix}avg_inc_accuracy"] = values["average_incremental_accuracy"]
-        row[f"{prefix}forgetting"] = values["forgetting"]
-        row[f"{prefix}top5"] = values["top5_accuracies"][-1]
-        row[f"{prefix}accuracy_per_task"] = values["accuracy_matrix"][-1][: t + 1]
-    return row
+class _Counted:
+    """What task_row asks of a method: its parameter count."""
+
+    def __init__(self, parameters: int) -> None:
+        self.parameters = parameters
+
+    def parameter_count(self) -> int:
+        return self.parameters
+
+
+def row_after(metrics: ContinualMetrics, t: int) -> dict:
+    """The row run_trial makes after task t (harness.run.trial.task_row), with made-up but plausible training
+    stats and parameter count."""
+    stats = {"loss": 2.3 / (t + 1), "epoch_time": 4.0 + t, "images_per_s": 510.0 + 10 * t}
+    return task_row(metrics, t, stats, _Counted(464_154 + 130 * t))
 
 
 def make_result(spec: dict, accs: list[float], fail_after: int | None = None, wall: float = 90.0) -> dict:
@@ -70,7 +73,7 @@ def make_result(spec: dict, accs: list[float], fail_after: int | None = None, wa
             preds = np.where(correct, targets, targets + 1)
             metrics.add_task(t, preds, targets, task_ids, head=head,
                              top5_correct=np.ones(len(targets), bool) if head == "cnn" else None)
-        history.append(task_row(metrics, t))
+        history.append(row_after(metrics, t))
         if fail_after is not None and t == fail_after:
             return {"name": spec["name"], "method": spec["config"]["method"], "suite": spec["config"]["suite"],
                     "order": spec["order_name"], "seed": spec["seed"], "status": "failed",
@@ -160,14 +163,8 @@ def test_resolve_tracking_uri_is_always_absolute(tmp_path, monkeypatch):
             resolve_tracking_uri(bad, "x")
 
 
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_unreachable_server_fails_fast_with_one_line():
-    uri = f"http://127.0.0.1:{_closed_port()}"
+def test_unreachable_server_fails_fast_with_one_line(free_port):
+    uri = f"http://127.0.0.1:{free_port()}"
     start = time.perf_counter()
     with pytest.raises(ResourceError) as info:
         check_tracking(uri)
@@ -186,6 +183,24 @@ def test_silent_server_times_out():
         with pytest.raises(ResourceError, match="unreachable"):
             check_tracking(uri, timeout=1.0)
         assert time.perf_counter() - start < 5
+
+
+def test_plain_makes_results_json_and_yaml_safe(tmp_path):
+    """One helper for every file written from results (MLflow artifacts, result.json, a sweep's best.yaml)."""
+    from harness.run.results import write_json
+    from harness.tracking.store import plain
+
+    value = {1: (np.float32(0.5), np.int64(3)), "order": np.arange(3), "nan": float("nan"), "inf": np.float64("inf"),
+             "path": tmp_path, "flag": True, "none": None, "nested": [{"x": np.bool_(False)}]}
+    out = plain(value)
+    assert out == {"1": [0.5, 3], "order": [0, 1, 2], "nan": None, "inf": None, "path": str(tmp_path), "flag": True,
+                   "none": None, "nested": [{"x": False}]}
+    assert type(out["1"][1]) is int and type(out["nested"][0]["x"]) is bool
+    assert yaml.safe_load(yaml.safe_dump(out)) == out and json.loads(json.dumps(out, allow_nan=False)) == out
+    # result.json: json's own types as they are (a float NaN stays NaN), plain only for what json cannot write
+    write_json(tmp_path / "result.json", {"loss": float("nan"), "acc": np.float32(0.25), "order": np.arange(2)})
+    back = json.loads((tmp_path / "result.json").read_text())
+    assert np.isnan(back["loss"]) and back["acc"] == 0.25 and back["order"] == [0, 1]
 
 
 def test_check_tracking_creates_store_once(sqlite_bench):
@@ -355,7 +370,7 @@ def test_leaderboard_of_the_benchmark(sqlite_bench):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Resume, rerun, ranks
+# Resume, rerun
 # ---------------------------------------------------------------------------------------------------------
 def test_rerun_reuses_parent_and_children(sqlite_bench):
     """The same command again (every trial skipped as finished): same parent run, no duplicate child."""
@@ -390,27 +405,14 @@ def test_resumed_trial_continues_its_run(sqlite_bench):
     assert client.get_run(first.run_id).info.status == "FINISHED"
 
 
-def test_only_rank_zero_logs(sqlite_bench):
-    config = make_config(lr=0.2)
-    specs = make_specs(config, [("natural", 3)], tag="ranks001")
-    tracker = BenchmarkTracker.for_benchmark(None, sqlite_bench["out"], config, specs, log=lambda _: None)
-    result = make_result(specs[0], ACCS_A)
-    for rank in (1, 2, 3):
-        logger = TrialLogger(tracker.uri, tracker.experiment_id, tracker.parent_run_id, specs[0], rank=rank)
-        assert logger.run_id is None and logger.log_task(result["history"][0]) is False
-        logger.finish(result)
-    client = mlflow.MlflowClient(tracker.uri)
-    assert _children(client, tracker) == {}
-
-
-def test_tracking_failure_mid_benchmark_warns_and_goes_on(sqlite_bench, monkeypatch):
+def test_tracking_failure_mid_benchmark_warns_and_goes_on(sqlite_bench, monkeypatch, free_port):
     """The server dies after the pre-flight check: one warning line, live logging pauses, no exception."""
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    dead = f"http://127.0.0.1:{_closed_port()}"
+    dead = f"http://127.0.0.1:{free_port()}"
     lines: list[str] = []
     old = sqlite_bench["tracker"]
-    tracker = BenchmarkTracker(dead, "clbench", old.experiment_id, old.parent_run_id, sqlite_bench["out"],
-                               mlflow.MlflowClient(dead), log=lines.append)
+    tracker = BenchmarkTracker(dead, "clbench", old.experiment_id, old.parent_run_id, mlflow.MlflowClient(dead),
+                               old.name, log=lines.append)
     events = TrialEvents(lambda _: None, tracker=tracker)
     spec, result = sqlite_bench["specs"][0], sqlite_bench["results"][0]
     start = time.perf_counter()
@@ -427,11 +429,11 @@ def test_tracking_failure_mid_benchmark_warns_and_goes_on(sqlite_bench, monkeypa
 # A real MLflow server
 # ---------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def server_process(tmp_path_factory):
+def server_process(tmp_path_factory, free_port):
     """`mlflow server` on 127.0.0.1 (free port, sqlite backend and artifacts in tmp). Booting takes 20-40 s on
     a small machine, so the sqlite fixture requests this first: the server boots while those tests run."""
     root = tmp_path_factory.mktemp("server")
-    port = _closed_port()
+    port = free_port()
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
     log = open(root / "server.log", "w")
     proc = subprocess.Popen(

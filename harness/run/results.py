@@ -9,6 +9,8 @@ from typing import Callable
 
 import pandas as pd
 
+from harness.tracking.store import plain
+from harness.tracking.tables import markdown_table, mean_std, mean_std_text
 
 RESULT_KEYS = ("name", "status")                            # strings every result.json has
 FINISHED_KEYS = {"metrics": dict, "history": list}          # and a finished trial's numbers
@@ -21,16 +23,8 @@ def result_path(output_dir: str | Path, name: str) -> Path:
 def write_json(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=_jsonable))
+    tmp.write_text(json.dumps(data, indent=2, default=plain))
     os.replace(tmp, path)   # never a half-written result
-
-
-def _jsonable(value):
-    if hasattr(value, "item"):
-        return value.item()
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    return str(value)
 
 
 def warn_stderr(message: str) -> None:
@@ -103,16 +97,6 @@ def trial_rows(results: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _mean_std(values: pd.Series) -> str:
-    """Mean +- sample std (ddof=1); one value has no std: `n/a`, never 0.00."""
-    values = values.dropna()
-    if values.empty:
-        return "-"
-    if len(values) == 1:
-        return f"{values.mean():.2f} +- n/a"
-    return f"{values.mean():.2f} +- {values.std(ddof=1):.2f}"
-
-
 def summary_table(results: list[dict]) -> pd.DataFrame:
     """Mean +- std over orders x seeds per (method, suite). Failed trials are counted, never averaged in."""
     df = trial_rows(results)
@@ -124,19 +108,16 @@ def summary_table(results: list[dict]) -> pd.DataFrame:
         ok = group[group["status"] == "finished"]
         row = {"method": method, "suite": suite, "trials": len(ok), "failed": int((group["status"] != "finished").sum())}
         for col in metric_cols:
-            row[col] = _mean_std(ok[col])
+            values = ok[col].dropna()
+            row[col] = mean_std_text(*mean_std(values), len(values), plus="+-", empty="-")
         row["parameters (M)"] = f"{ok['parameters'].max() / 1e6:.2f}" if ok["parameters"].notna().any() else "-"
         row["time (min)"] = f"{ok['wall_time_s'].sum() / 60:.1f}" if ok["wall_time_s"].notna().any() else "-"
         out.append(row)
     return pd.DataFrame(out)
 
 
-def to_markdown(df: pd.DataFrame) -> str:
-    """A Markdown table without the optional `tabulate` dependency."""
-    if df.empty:
+def summary_markdown(table: pd.DataFrame) -> str:
+    """summary_table as Markdown (what run_benchmark.py prints without MLflow, and summary.md)."""
+    if table.empty:
         return "(no results)"
-    cols = list(df.columns)
-    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
-    for _, r in df.iterrows():
-        lines.append("| " + " | ".join(str(r[c]) for c in cols) + " |")
-    return "\n".join(lines)
+    return markdown_table(list(table.columns), table.itertuples(index=False))

@@ -7,7 +7,7 @@ any thread or headless worker). Each function returns the Figure, so callers (an
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -28,7 +28,6 @@ class Curve:
     x: Sequence[float]
     y: Sequence[float | None]
     std: Sequence[float | None] | None = None
-    meta: dict = field(default_factory=dict)
 
 
 def _arr(values: Sequence[float | None]) -> np.ndarray:
@@ -117,7 +116,7 @@ def mean_accuracy_curves(results: Sequence[dict], label_keys: Sequence[str] = ("
         std = np.nanstd(values, axis=0, ddof=1) if len(members) > 1 else None
         config = members[0].get("config") or {}
         curves.append(Curve(f"{' '.join(key)} (n={len(members)})", classes_seen(config, steps), list(mean),
-                            None if std is None else list(std), meta={"group": key, "n": len(members)}))
+                            None if std is None else list(std)))
     return curves
 
 

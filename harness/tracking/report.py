@@ -27,13 +27,14 @@ import pandas as pd
 import yaml
 
 from harness.errors import ConfigError, HarnessError
-from harness.tracking.store import (DEFAULT_EXPERIMENT, STATUS_FINISHED, classes_seen, is_server, make_client,
-                              probe_server, resolve_tracking_uri, sqlite_path)
+from harness.tracking.store import (DEFAULT_EXPERIMENT, STATUS_FAILED, STATUS_FINISHED, STATUS_KILLED, classes_seen,
+                                    is_server, make_client, probe_server, resolve_tracking_uri, sqlite_path)
+from harness.tracking.tables import MISSING, markdown_table, mean_std, mean_std_text, missing
 
 ROOT = Path(__file__).resolve().parents[2]
 PUBLISHED = ROOT / "benchmarks" / "published.yaml"
 GROUP_KEYS = ["method", "suite", "variant", "config_hash"]
-FAILED_STATUSES = {"FAILED", "KILLED"}
+FAILED_STATUSES = {STATUS_FAILED, STATUS_KILLED}
 # (column stem in the leaderboard, metric name in a trial run without the `final_` / `final_<head>_` prefix)
 HEAD_METRICS = [("avg_inc_acc", "avg_inc_accuracy"), ("last_acc", "last_accuracy"), ("forgetting", "forgetting")]
 TOP5_METRICS = [("top5_avg_inc_acc", "avg_top5_accuracy"), ("top5_last_acc", "last_top5_accuracy")]
@@ -183,13 +184,6 @@ def _run_row(run) -> dict:
 # ---------------------------------------------------------------------------------------------------------
 # Trials -> leaderboard
 # ---------------------------------------------------------------------------------------------------------
-def _mean_std(values: pd.Series) -> tuple[float, float]:
-    values = values.dropna().astype(float)
-    if values.empty:
-        return math.nan, math.nan
-    return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else math.nan
-
-
 def _metric_columns(df: pd.DataFrame) -> list[str]:
     """Metric columns present in the trial table: main head, top-5 when logged, then secondary heads."""
     base = [c for c, _ in HEAD_METRICS]
@@ -199,7 +193,7 @@ def _metric_columns(df: pd.DataFrame) -> list[str]:
     return base + top5 + heads
 
 
-def summarize(trials: pd.DataFrame, published: Sequence[dict] | None = None) -> pd.DataFrame:
+def summary_by_group(trials: pd.DataFrame, published: Sequence[dict] | None = None) -> pd.DataFrame:
     """Mean +- std (ddof=1) over the FINISHED trials of each (method, suite, variant, config) group."""
     if trials.empty:
         return pd.DataFrame()
@@ -212,7 +206,7 @@ def summarize(trials: pd.DataFrame, published: Sequence[dict] | None = None) -> 
         row: dict[str, Any] = dict(zip(GROUP_KEYS, key))
         row.update(trials=len(group), finished=len(ok), failed=len(failed), unfinished=len(unfinished))
         for col in metric_cols:
-            row[f"{col}_mean"], row[f"{col}_std"] = _mean_std(ok[col]) if col in ok else (math.nan, math.nan)
+            row[f"{col}_mean"], row[f"{col}_std"] = mean_std(ok[col]) if col in ok else (math.nan, math.nan)
         params = ok["parameters"].dropna()
         row["parameters"] = int(round(params.mean())) if not params.empty else None
         wall = ok["wall_time_s"].fillna(0.0)
@@ -241,38 +235,22 @@ def leaderboard(tracking_uri: str, experiment: str | None = None, filter: str | 
     filter ANDed with run_kind = trial) and return one row per method x suite x variant x config."""
     if published is None or isinstance(published, (str, Path)):
         published = load_published(published or PUBLISHED)
-    return summarize(trial_runs(tracking_uri, experiment, filter), published)
+    return summary_by_group(trial_runs(tracking_uri, experiment, filter), published)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Output
 # ---------------------------------------------------------------------------------------------------------
-def _fmt(mean: float, std: float = math.nan, digits: int = 2) -> str:
-    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
-        return "–"
-    if std is None or (isinstance(std, float) and math.isnan(std)):
-        return f"{mean:.{digits}f}"
-    return f"{mean:.{digits}f} ± {std:.{digits}f}"
-
-
-def _fmt_runs(mean: float, std: float, finished: int) -> str:
-    """A run group's mean ± sample std; one finished trial has no std: `n/a`, never 0.00."""
-    if finished == 1 and not (mean is None or (isinstance(mean, float) and math.isnan(mean))):
-        return f"{mean:.2f} ± n/a"
-    return _fmt(mean, std)
+def _number(value: float) -> str:
+    return MISSING if missing(value) else f"{value:.2f}"
 
 
 def _signed(value: float) -> str:
-    return "–" if value is None or math.isnan(value) else f"{value:+.2f}"
-
-
-def _cell(value: Any) -> str:
-    return str(value).replace("|", "\\|").replace("\n", " ")
+    return MISSING if missing(value) else f"{value:+.2f}"
 
 
 def to_markdown(table: pd.DataFrame) -> str:
-    """The leaderboard as a Markdown table (written by hand: no `tabulate` dependency), then the list of
-    failed / unfinished trials."""
+    """The leaderboard as a Markdown table, then the list of failed / unfinished trials."""
     if table.empty:
         return "(no trial runs)"
     heads = sorted({c[: -len("_avg_inc_acc_mean")] for c in table.columns
@@ -282,35 +260,36 @@ def to_markdown(table: pd.DataFrame) -> str:
         "Finished", "Failed", "Unfinished", "Avg inc acc", "Last acc"]
     cols += [f"{h} avg inc acc" for h in heads] + [f"{h} last acc" for h in heads]
     cols += ["Params (M)", "Compute (worker-h)", "Published avg / last", "Δ avg / Δ last"]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
-    for r in table.to_dict("records"):
-        cells = [r["method"], r["suite"], r["variant"]] + ([r["config_hash"]] if ambiguous else [])
-        n = r["finished"]
-        cells += [r["finished"], r["failed"], r["unfinished"],
-                  _fmt_runs(r["avg_inc_acc_mean"], r["avg_inc_acc_std"], n),
-                  _fmt_runs(r["last_acc_mean"], r["last_acc_std"], n)]
-        cells += [_fmt_runs(r.get(f"{h}_avg_inc_acc_mean", math.nan), r.get(f"{h}_avg_inc_acc_std", math.nan), n)
-                  for h in heads]
-        cells += [_fmt_runs(r.get(f"{h}_last_acc_mean", math.nan), r.get(f"{h}_last_acc_std", math.nan), n)
-                  for h in heads]
-        params = r.get("parameters")
-        cells.append("–" if params is None or (isinstance(params, float) and math.isnan(params))
-                     else f"{params / 1e6:.2f}")
-        cells.append(f"{r['compute_h']:.2f}")
-        if r.get("published_variant"):
-            cells.append(f"{_fmt(r['published_avg_inc_acc'])} / {_fmt(r['published_last_acc'])} "
-                         f"({r['published_variant']})")
-        else:
-            cells.append("–")
-        cells.append(f"{_signed(r['diff_avg_inc_acc'])} / {_signed(r['diff_last_acc'])}")
-        lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+    records = table.to_dict("records")
+    lines = [markdown_table(cols, [_leaderboard_cells(r, heads, ambiguous) for r in records])]
     notes = [f"- {r['method']} {r['suite']} {r['variant']}: {r['not_finished_trials']}"
-             for r in table.to_dict("records") if r.get("not_finished_trials")]
+             for r in records if r.get("not_finished_trials")]
     if notes:
         lines += ["", "Failed or unfinished trials (not averaged in):"] + notes
     lines += ["", "Mean ± sample std (ddof=1) over finished orders x seeds; published numbers and their sources "
                   "in benchmarks/published.yaml (leaderboard.csv: published_source)."]
     return "\n".join(lines)
+
+
+def _leaderboard_cells(r: dict, heads: list[str], ambiguous: bool) -> list:
+    n = r["finished"]
+
+    def cell(column: str) -> str:
+        return mean_std_text(r.get(f"{column}_mean", math.nan), r.get(f"{column}_std", math.nan), n)
+
+    cells = [r["method"], r["suite"], r["variant"]] + ([r["config_hash"]] if ambiguous else [])
+    cells += [r["finished"], r["failed"], r["unfinished"], cell("avg_inc_acc"), cell("last_acc")]
+    cells += [cell(f"{h}_avg_inc_acc") for h in heads] + [cell(f"{h}_last_acc") for h in heads]
+    params = r.get("parameters")
+    cells.append(MISSING if missing(params) else f"{params / 1e6:.2f}")
+    cells.append(f"{r['compute_h']:.2f}")
+    if r.get("published_variant"):
+        cells.append(f"{_number(r['published_avg_inc_acc'])} / {_number(r['published_last_acc'])} "
+                     f"({r['published_variant']})")
+    else:
+        cells.append(MISSING)
+    cells.append(f"{_signed(r['diff_avg_inc_acc'])} / {_signed(r['diff_last_acc'])}")
+    return cells
 
 
 def write_leaderboard(table: pd.DataFrame, output_dir: str | Path) -> tuple[Path, Path]:
@@ -400,7 +379,7 @@ def run_report(args: argparse.Namespace) -> int:
         print(f"no trial runs in {uri}" + (f" experiment {args.experiment!r}" if args.experiment else "")
               + (f" matching {args.filter!r}" if args.filter else ""), file=sys.stderr)
         return 1
-    table = summarize(trials, load_published(args.published))
+    table = summary_by_group(trials, load_published(args.published))
     csv_path, md_path = write_leaderboard(table, output_dir)
     written = [] if args.no_plots else write_curve_plots(uri, trials, output_dir)
     print(to_markdown(table))

@@ -1,7 +1,7 @@
 """The MLflow store: where runs go, the client, what gets logged (params, metrics, tags), provenance.
 
-The tracking layer: store (this) < plots < report < trial_logger < trackers. One parent run per benchmark or
-sweep, one child run per trial, logged from the driver.
+The tracking layer: store (this) < tables < plots < report < trial_logger < trackers. One parent run per
+benchmark or sweep, one child run per trial, logged from the driver.
 
 Where things go:
     default store   sqlite:////<abs output_dir>/mlflow.db, artifacts in <abs output_dir>/mlartifacts/
@@ -15,9 +15,9 @@ The launchers call, on the driver:
 
 The parent run's name is deterministic (method_suite_<hash of the trial names>): rerunning the same command
 (to resume, or after everything finished) continues the same parent instead of adding an empty twin.
-`TrialLogger(client_or_uri, experiment_id, parent_run_id, spec, rank)` is the per-trial logger underneath; it
-does nothing unless rank == 0, and a re-created logger (resume, Ray restart) continues the trial's existing
-child run: steps already logged are not logged again.
+`TrialLogger(client_or_uri, experiment_id, parent_run_id, spec)` is the per-trial logger underneath; a
+re-created logger (resume, Ray restart) continues the trial's existing child run: steps already logged are not
+logged again.
 
 Runs carry plain tags so filters stay simple: `run_kind` (benchmark | trial), `trial`, `method`, `suite`,
 `variant`, `order`, `seed`, `config_hash`, `benchmark`, `main_head`, `heads`.
@@ -313,7 +313,8 @@ def config_digest(config: dict) -> str:
 
 
 def benchmark_name(config: dict, specs: Iterable[dict] | None = None) -> str:
-    """Deterministic: the same command (same trials) gets the same parent run, so reruns continue it."""
+    """Deterministic: the same command (same trials) gets the same parent run and the same Ray Tune experiment
+    folder (harness.run.ray_grid), so reruns continue both."""
     names = sorted(s["name"] for s in specs) if specs else [config_digest(config)]
     digest = hashlib.sha1("\n".join(names).encode()).hexdigest()[:8]
     return f"{config.get('method')}_{config.get('suite')}_{digest}"
@@ -426,13 +427,17 @@ def log_metrics(client: "MlflowClient", run_id: str, metrics: dict[str, float], 
 
 
 def plain(value: Any) -> Any:
-    """YAML/JSON-safe copy (tuples -> lists, numpy scalars -> Python)."""
+    """A JSON/YAML-safe copy, the one such helper (tracking is the lowest layer that writes files from results:
+    run and sweep sit above it): str keys, lists for tuples, Python numbers and lists for numpy/torch scalars and
+    arrays, None for NaN/inf, str() for anything else. Also a `json.dumps(default=plain)` fallback."""
     if isinstance(value, dict):
         return {str(k): plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [plain(v) for v in value]
-    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
-        return value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
+    if isinstance(value, float):                    # numpy's float64 too
+        return float(value) if math.isfinite(value) else None
+    if value is None or isinstance(value, (str, int)):     # bool is an int
+        return value
+    if hasattr(value, "tolist"):                    # numpy / torch scalars and arrays
+        return plain(value.tolist())
+    return str(value)

@@ -9,12 +9,11 @@ from typing import TYPE_CHECKING
 
 import yaml
 
-
-from harness.tracking.store import (error_line, MAX_TAG_VALUE, SENTINEL_METRIC, STATUS_FAILED, STATUS_FINISHED, STATUS_RUNNING,
-                                   accuracy_matrix_frame, classes_seen, config_digest, dataset_descriptor,
-                                   find_child_run, finite, flatten_params, git_commit, log_metrics, log_params,
-                                   make_client, param_value, plain, provenance, row_metrics, summary_metrics,
-                                   variant_of)
+from harness.tracking.store import (MAX_TAG_VALUE, SENTINEL_METRIC, STATUS_FAILED, STATUS_FINISHED, STATUS_RUNNING,
+                                    accuracy_matrix_frame, classes_seen, config_digest, dataset_descriptor,
+                                    error_line, find_child_run, finite, flatten_params, git_commit, log_metrics,
+                                    log_params, make_client, param_value, plain, provenance, row_metrics,
+                                    summary_metrics, variant_of)
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -24,15 +23,14 @@ if TYPE_CHECKING:
 # Per-trial logger
 # ---------------------------------------------------------------------------------------------------------
 class TrialLogger:
-    """Logs one trial into its child run. Does nothing unless `rank == 0` (DDP ranks share one trial).
+    """Logs one trial into its child run, from the driver (never from a trial's workers).
 
     Re-created for the same trial (a resume, a Ray restart), it finds the child run by trial name under the
     parent and continues it; the steps whose metrics are already there are skipped.
     """
 
     def __init__(self, client: "MlflowClient | str", experiment_id: str, parent_run_id: str, spec: dict,
-                 rank: int = 0, tags: dict[str, str] | None = None) -> None:
-        self.enabled = int(rank) == 0
+                 tags: dict[str, str] | None = None) -> None:
         self.spec = spec
         self.extra_tags = dict(tags or {})
         self.name = spec["name"]
@@ -41,8 +39,6 @@ class TrialLogger:
         self.status = STATUS_RUNNING     # of the child run in the store
         self.closed = False              # finish() ran in this process
         self._logged_steps: set[int] = set()
-        if not self.enabled:
-            return
         self.client = make_client(client) if isinstance(client, str) else client
         self.experiment_id, self.parent_run_id = experiment_id, parent_run_id
         existing = find_child_run(self.client, experiment_id, parent_run_id, self.name)
@@ -105,9 +101,7 @@ class TrialLogger:
             self.client.set_tag(self.run_id, "dataset_log_error", error_line(exc, 200))
 
     def log_task(self, row: dict) -> bool:
-        """Metrics of one finished task (step = task index); False when skipped (rank != 0 or already logged)."""
-        if not self.enabled:
-            return False
+        """Metrics of one finished task (step = task index); False when it was logged already."""
         step = int(row["task"])
         if step in self._logged_steps:
             return False
@@ -120,8 +114,6 @@ class TrialLogger:
 
     def finish(self, result: dict) -> None:
         """End of the trial: backfill missing steps, summary metrics, artifacts, then FINISHED or FAILED."""
-        if not self.enabled:
-            return
         from harness.tracking import plots
 
         ok = result.get("status") == "finished"
@@ -159,7 +151,7 @@ class TrialLogger:
                       for head, v in summary.items() if v.get("accuracies")]
             if curves:
                 plots.save_png(plots.accuracy_curve_figure(curves, title=self.name), tmp_path / "accuracy_curve.png")
-            (tmp_path / "result.json").write_text(json.dumps(plain(result), indent=2, default=str))
+            (tmp_path / "result.json").write_text(json.dumps(plain(result), indent=2))
             for path in sorted(tmp_path.iterdir()):
                 self.client.log_artifact(self.run_id, str(path))
         self.status = STATUS_FINISHED if ok else STATUS_FAILED
