@@ -14,7 +14,8 @@ After each incremental task:
   memory, only the classifier trains (every extractor frozen, BatchNorm in eval mode), on logits divided by
   `decouple_temperature`; the classifier is re-initialised first (`decouple_reset_classifier`, as the official
   code). The official code re-trains on the task's data + old exemplars with a class-balanced sampler, BEFORE
-  the memory update; here the harness's finetuning phase runs on the updated (balanced) memory.
+  the memory update; here it is the harness's balanced-memory phase (`balanced_phase`, PhaseKind.DECOUPLE: its
+  options `decouple_*`, harness.config.phases), on the updated memory, after every task but the first.
 
 NOT implemented: the channel-level masks and pruning of the paper (DER w/o P in its tables is what this is).
 `parameter_count()` counts the inference model (extractors + classifier; the auxiliary head is training-only).
@@ -29,13 +30,12 @@ import torch.nn.functional as F
 
 from harness.core.backbones import build_backbone
 from harness.errors import ConfigError
-from harness.core.method import Method, PhaseConfig, TaskInfo
+from harness.core.method import Method, PhaseConfig, PhaseKind, TaskInfo
 from harness.core.registry import register_method
 
-DECOUPLE = "decouple"
 # DER's own options when a config lacks them: the values of benchmarks/recipes/der/default.yaml (one place).
-DEFAULTS = {"aux_weight": 1.0, "reuse_old_classifier": True, "weight_align": True, "decouple_lr": 0.1,
-            "decouple_gamma": 0.1, "decouple_temperature": 5.0, "decouple_reset_classifier": True}
+DEFAULTS = {"aux_weight": 1.0, "reuse_old_classifier": True, "weight_align": True, "decouple_temperature": 5.0,
+            "decouple_reset_classifier": True}
 
 
 def aux_targets(targets: torch.Tensor, num_old_classes: int) -> torch.Tensor:
@@ -137,6 +137,8 @@ class DERNet(nn.Module):
 class DER(Method):
     """DER without pruning: one frozen extractor per past task, + aux loss, + weight aligning / decouple."""
 
+    balanced_phase = PhaseKind.DECOUPLE
+
     def option(self, key: str):
         value = self.config.get(key)
         return DEFAULTS[key] if value is None else value
@@ -147,9 +149,6 @@ class DER(Method):
             raise ConfigError(f"aux_weight must be >= 0, got {c.get('aux_weight')!r}")
         if float(self.option("decouple_temperature")) <= 0:
             raise ConfigError(f"decouple_temperature must be > 0, got {c.get('decouple_temperature')!r}")
-        if int(c.get("decouple_epochs") or 0) > 0 and not (c.get("memory_size") or c.get("memory_per_class")):
-            raise ConfigError("der's decouple stage re-trains the classifier on the memory: set memory_size or "
-                              "memory_per_class, or decouple_epochs: 0")
         name, width, shortcut = c["backbone"], c.get("backbone_width"), c.get("resnet_shortcut")
         build_backbone(name, width, shortcut)                  # a bad option fails here, before any task
         self.model = DERNet(lambda: build_backbone(name, width, shortcut).to(self.device))
@@ -165,21 +164,8 @@ class DER(Method):
             self.gammas.append(self.model.weight_align(task.num_new_classes))
 
     # ---- decouple (classifier re-training) stage -----------------------------------------------
-    def finetune_phase(self, task: TaskInfo) -> PhaseConfig | None:
-        c = self.config
-        epochs = int(c.get("decouple_epochs") or 0)
-        if task.task_id == 0 or epochs <= 0:
-            return None
-        wd = c.get("decouple_weight_decay")
-        return PhaseConfig(
-            name=DECOUPLE, epochs=epochs, batch_size=int(c.get("decouple_batch_size") or c["batch_size"]),
-            lr=float(self.option("decouple_lr")), opt="sgd", momentum=float(c["momentum"]),
-            weight_decay=float(c["weight_decay"] if wd is None else wd), sched="multistep",
-            milestones=tuple(int(m) for m in c.get("decouple_milestones") or ()),
-            gamma=float(self.option("decouple_gamma")), data="memory")
-
     def before_phase(self, phase: PhaseConfig, task: TaskInfo) -> None:
-        if phase.name != DECOUPLE:
+        if phase.kind is not PhaseKind.DECOUPLE:
             return
         self.model.freeze_extractors(len(self.model.extractors))   # every extractor, BN included
         if self.model.aux_fc is not None:
@@ -188,7 +174,7 @@ class DER(Method):
             self.model.fc.reset_parameters()
 
     def after_phase(self, phase: PhaseConfig, task: TaskInfo) -> None:
-        if phase.name != DECOUPLE:
+        if phase.kind is not PhaseKind.DECOUPLE:
             return
         # Back to the state before_task left (a resumed trial replays only before_task).
         self.model.freeze_extractors(len(self.model.extractors) - 1)
@@ -196,7 +182,7 @@ class DER(Method):
             self.model.aux_fc.requires_grad_(True)
 
     def parameters_to_optimize(self, phase: PhaseConfig):
-        if phase.name == DECOUPLE:
+        if phase.kind is PhaseKind.DECOUPLE:
             return list(self.model.fc.parameters())
         return [p for p in self.model.parameters() if p.requires_grad]
 
@@ -204,7 +190,7 @@ class DER(Method):
     def training_step(self, batch, task: TaskInfo, phase: PhaseConfig) -> torch.Tensor:
         x, y = batch
         out = self.net(x)
-        if phase.name == DECOUPLE:
+        if phase.kind is PhaseKind.DECOUPLE:
             return F.cross_entropy(out["logits"] / float(self.option("decouple_temperature")), y)
         loss = F.cross_entropy(out["logits"], y)
         if "aux_logits" in out and self.aux_weight > 0:

@@ -56,15 +56,14 @@ def nme_scores(features: torch.Tensor, means: torch.Tensor, valid: torch.Tensor)
 class ICaRL(IncrementalNetMethod):
     """iCaRL on a growing IncrementalNet; `predict` returns {"nme": -distances, "cnn": logits}."""
 
+    requires_memory = True          # the NME classifier's class means are the exemplars'
+
     def build(self) -> None:
         loss = self.config.get("icarl_loss", "kd")
         if loss not in LOSSES:
             raise ConfigError(f"icarl_loss must be one of {', '.join(LOSSES)}, got {loss!r}")
         if not float(self.config.get("kd_temperature", 2.0)) > 0:
             raise ConfigError(f"kd_temperature must be > 0, got {self.config.get('kd_temperature')!r}")
-        if not (self.config.get("memory_size") or self.config.get("memory_per_class")):
-            raise ConfigError("icarl needs a rehearsal memory (its NME classifier uses the exemplars): "
-                              "set memory_size or memory_per_class")
         super().build()
         self.loss_name = loss
         self.temperature = float(self.config.get("kd_temperature", 2.0))

@@ -5,9 +5,10 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
+from harness.config.phases import balanced_phase
 from harness.core.backbones import build_backbone
 from harness.core.loop import train_phase
-from harness.core.method import PhaseConfig, TaskInfo
+from harness.core.method import PhaseConfig, PhaseKind, TaskInfo
 from harness.core.runtime import RuntimeContext
 from methods.der import DER, DERNet, aux_targets
 
@@ -171,12 +172,13 @@ def test_main_phase_trains_only_the_new_extractor_through_the_real_loop():
 
 
 def test_decouple_phase_trains_only_the_classifier_on_tempered_logits():
-    method = _der(decouple_epochs=3, decouple_milestones=[2], decouple_temperature=5.0)
-    assert method.finetune_phase(_task(0)) is None         # nothing to re-balance after the first task
+    method = _der(decouple_epochs=3, decouple_milestones=[2], decouple_temperature=5.0, decouple_gamma=0.1)
+    stage = balanced_phase(method.config, method.balanced_phase)
+    assert method.finetune_phase(_task(0), stage) is None      # nothing to re-balance after the first task
     method.before_task(_task(0))
     method.before_task(_task(1))
-    phase = method.finetune_phase(_task(1))
-    assert phase is not None and phase.data == "memory" and phase.epochs == 3 and phase.milestones == (2,)
+    phase = method.finetune_phase(_task(1), stage)
+    assert phase.kind is PhaseKind.DECOUPLE and phase.epochs == 3 and phase.milestones == (2,)
     extractors = {k: v.clone() for k, v in method.model.extractors.state_dict().items()}
     aux = method.model.aux_fc.weight.detach().clone()
     fc = method.model.fc.weight.detach().clone()
@@ -282,8 +284,17 @@ def test_code_defaults_equal_the_recipe_defaults_and_pycil_milestones():
     method.before_task(_task(0))
     x, y = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 0, 1])
     method.model.eval()
-    phase = PhaseConfig(name="decouple")
+    phase = PhaseConfig(kind=PhaseKind.DECOUPLE)
     expected = torch.nn.functional.cross_entropy(method.model(x)["logits"] / 5.0, y)
     assert method.training_step((x, y), _task(0), phase).item() == pytest.approx(expected.item(), rel=1e-6)
     with pytest.raises(Exception, match="decouple_temperature must be > 0"):
         DER(_config(decouple_temperature=0.0), torch.device("cpu")).build()
+
+
+def test_decouple_needs_a_memory_only_while_it_is_on():
+    from harness.config.compose import resolve_config
+    from harness.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"der's decouple phase trains on the rehearsal memory: .*decouple_epochs: 0"):
+        _digits(memory_size=0)                                  # digits-5x2's cpu recipe: decouple_epochs 15
+    assert resolve_config("der", "digits-5x2", overrides={"memory_size": 0, "decouple_epochs": 0})["memory_size"] == 0

@@ -20,7 +20,7 @@ from harness.config.compose import resolve_config
 from harness.data import ArrayData, TaskDataset
 from harness.errors import ConfigError
 from harness.core.loop import train_phase
-from harness.core.method import PhaseConfig, TaskInfo
+from harness.core.method import PhaseConfig, PhaseKind, TaskInfo
 from harness.config.catalog import get_method
 from harness.core.runtime import RuntimeContext
 from methods.dytox.losses import (auto_kd_weight, bce_loss, divergence_targets, dytox_loss, hard_targets,
@@ -35,9 +35,8 @@ TINY = {"embed_dim": 16, "depth": 2, "num_heads": 2, "local_up_to_layer": 1, "pa
         "drop_path": 0.0, "head_div": 0.1, "head_div_mode": ["tr"], "freeze_task": ["old_task_tokens", "old_heads"],
         "freeze_ft": ["sab"], "finetuning": "balanced", "finetuning_epochs": 1, "finetuning_lr": 1e-3,
         "batch_size": 8, "weight_decay": 0.0, "momentum": 0.9, "gamma": 0.1, "opt": "adamw"}
-MAIN = PhaseConfig(name="train", epochs=1, batch_size=8, lr=1e-3, opt="adamw", sched="constant")
-FINETUNE = PhaseConfig(name="finetune", epochs=1, batch_size=8, lr=1e-3, opt="adamw", sched="constant",
-                       data="memory")
+MAIN = PhaseConfig(kind=PhaseKind.TRAIN, epochs=1, batch_size=8, lr=1e-3, opt="adamw", sched="constant")
+FINETUNE = PhaseConfig(kind=PhaseKind.FINETUNE, epochs=1, batch_size=8, lr=1e-3, opt="adamw", sched="constant")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -100,20 +99,25 @@ def test_registered_with_presets_as_recipes() -> None:
 
 
 def test_cifar100_recipe_values() -> None:
-    from harness.core.method import finetuning_phase_from_config, phase_from_config
+    from harness.config.phases import balanced_phase, main_phase
 
     c = resolve_config("dytox", "cifar100")
-    main = phase_from_config(c, 0)
+    main = main_phase(c, 0)
     assert (main.opt, main.epochs, main.batch_size, main.sched, main.warmup_epochs) == ("adamw", 500, 128, "cosine", 5)
     assert main.lr == pytest.approx(5e-4 * 128 / 512) and main.min_lr == 1e-5 and main.warmup_lr == 1e-6
-    assert main.weight_decay == 1e-6 and main.repeated_aug == 3 and phase_from_config(c, 3).epochs == 500
-    ft = finetuning_phase_from_config(c)
-    assert (ft.epochs, ft.sched, ft.data) == (20, "constant", "memory")
+    assert main.weight_decay == 1e-6 and main.repeated_aug == 3 and main_phase(c, 3).epochs == 500
+    ft = balanced_phase(c, DyToxMethod.balanced_phase)
+    assert (ft.epochs, ft.sched, ft.kind) == (20, "constant", PhaseKind.FINETUNE)
     assert ft.lr == pytest.approx(5e-5 * 128 / 512)
     # the global batch defines the learning rate: 256 on any number of workers -> 2.5e-4 (the paper's 2 GPUs)
-    assert phase_from_config(resolve_config("dytox", "cifar100", overrides={"batch_size": 256,
-                                                                           "incremental_batch_size": 256}),
-                             1).lr == pytest.approx(2.5e-4)
+    assert main_phase(resolve_config("dytox", "cifar100", overrides={"batch_size": 256,
+                                                                    "incremental_batch_size": 256}),
+                      1).lr == pytest.approx(2.5e-4)
+    # `finetuning: none` turns the phase off, and then no memory is needed
+    off = resolve_config("dytox", "cifar100", overrides={"finetuning": "none", "memory_size": 0})
+    assert balanced_phase(off, DyToxMethod.balanced_phase) is None
+    with pytest.raises(ConfigError, match="dytox's finetune phase trains on the rehearsal memory"):
+        resolve_config("dytox", "cifar100", overrides={"memory_size": 0})
 
 
 def _original(*names: str) -> list[str]:

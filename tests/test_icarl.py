@@ -144,9 +144,11 @@ def test_cifar100_pycil_recipe_is_pycils_protocol():
 
 
 def test_icarl_requires_a_memory_and_a_known_loss():
+    from harness.config.compose import resolve_config
     from harness.errors import ConfigError
-    with pytest.raises(ConfigError, match="memory"):
-        ICaRL(_config(memory_size=0), torch.device("cpu")).build()
+    assert ICaRL.requires_memory
+    with pytest.raises(ConfigError, match="icarl needs a rehearsal memory: set memory_size or memory_per_class"):
+        resolve_config("icarl", "digits-5x2", overrides={"memory_size": 0})
     with pytest.raises(ConfigError, match="icarl_loss"):
         ICaRL(_config(icarl_loss="mse"), torch.device("cpu")).build()
 

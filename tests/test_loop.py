@@ -1,12 +1,14 @@
-"""The global-batch sampler (world-size invariance), optimizer construction and the loop's per-epoch schedule.
-(The epoch -> lr maps of every recipe: tests/test_schedules.py.)"""
+"""The global-batch sampler (world-size invariance), optimizer construction, the loop's per-epoch schedule and
+the batches it draws for each phase kind. (The epoch -> lr maps of every recipe: tests/test_schedules.py.)"""
+import zlib
+
 import numpy as np
 import pytest
 import torch
 
 from harness.data import ArrayData, TaskDataset
 from harness.core.loop import GlobalBatchSampler, build_optimizer, train_phase, weight_decay_groups
-from harness.core.method import Method, PhaseConfig, TaskInfo
+from harness.core.method import ClosureOptimizer, Method, PhaseConfig, PhaseKind, TaskInfo
 from harness.core.runtime import RuntimeContext
 
 
@@ -131,12 +133,92 @@ def test_train_phase_applies_the_lr_of_each_epoch() -> None:
 
 
 @pytest.mark.parametrize("shuffle", [True, False])
-def test_finetuning_shuffle_false_iterates_the_memory_in_class_order(shuffle: bool) -> None:
+@pytest.mark.parametrize("kind", [PhaseKind.FINETUNE, PhaseKind.DECOUPLE])
+def test_finetuning_shuffle_false_iterates_the_memory_in_class_order(shuffle: bool, kind: PhaseKind) -> None:
     method = _RecordingMethod({"finetuning_shuffle": shuffle})
-    phase = PhaseConfig(name="finetune", epochs=2, batch_size=4, lr=0.1, sched="constant", data="memory")
+    phase = PhaseConfig(kind=kind, epochs=2, batch_size=4, lr=0.1, sched="constant")
     train_phase(method, TaskDataset(_data(), _identity), phase, TaskInfo(1, 2, (2,), 2, 3),
                 RuntimeContext(progress=False), seed=0)
     flat = [label for batch in method.labels for label in batch]
     in_order = flat == [0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2] * 2
     assert in_order is not shuffle
 
+
+
+def test_the_main_phase_always_shuffles() -> None:
+    method = _RecordingMethod({"finetuning_shuffle": False})       # a memory-phase option only
+    train_phase(method, TaskDataset(_data(), _identity), PhaseConfig(epochs=1, batch_size=4, sched="constant"),
+                TaskInfo(0, 1, (0, 1, 2), 0, 3), RuntimeContext(progress=False), seed=0)
+    assert [label for batch in method.labels for label in batch] != [0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2]
+
+
+# ---- the loader seed hashes the phase kind's string: the kinds keep the strings phases were named by --------------
+def test_phase_kinds_hash_like_the_strings_they_replace() -> None:
+    old_names = {PhaseKind.TRAIN: "train", PhaseKind.FINETUNE: "finetune", PhaseKind.DECOUPLE: "decouple"}
+    assert set(old_names) == set(PhaseKind)
+    for kind, old in old_names.items():
+        assert zlib.crc32(kind.value.encode()) == zlib.crc32(old.encode())
+        assert f"{kind}" == old                     # progress bars and heartbeats print the same name
+
+
+# The labels (= item indices) the loop drew, seed 5, task 1, 12 items, batch 4, 2 epochs, recorded with the loop
+# before phases had kinds (they were named "train", "finetune", "decouple"): any change of a loader seed shows.
+DRAWN_BEFORE_KINDS = {
+    PhaseKind.TRAIN: [[2, 0, 10, 5], [3, 4, 11, 8], [1, 9, 6, 7], [3, 1, 9, 4], [10, 7, 8, 6], [5, 11, 2, 0]],
+    PhaseKind.FINETUNE: [[2, 1, 11, 8], [5, 3, 4, 10], [9, 7, 0, 6], [9, 6, 1, 2], [10, 3, 0, 5], [4, 8, 7, 11]],
+    PhaseKind.DECOUPLE: [[2, 3, 11, 4], [6, 5, 9, 1], [7, 10, 8, 0], [6, 1, 9, 4], [5, 7, 10, 3], [0, 11, 2, 8]],
+}
+
+
+@pytest.mark.parametrize("kind", list(PhaseKind))
+def test_each_phase_kind_draws_the_batches_it_drew_before(kind: PhaseKind) -> None:
+    method = _RecordingMethod()
+    method.model = torch.nn.Linear(4, 12)
+    data = ArrayData(_data().x, np.arange(12), [str(i) for i in range(12)])
+    phase = PhaseConfig(kind=kind, epochs=2, batch_size=4, lr=0.1, sched="constant")
+    train_phase(method, TaskDataset(data, _identity), phase, TaskInfo(1, 2, (6, 7, 8, 9, 10, 11), 6, 12),
+                RuntimeContext(progress=False), seed=5)
+    assert method.labels == DRAWN_BEFORE_KINDS[kind]
+
+
+# ---- optimizer wrappers that need a closure ---------------------------------------------------------------------
+class _CountingClosureOptimizer:
+    """A ClosureOptimizer that calls the closure twice per step, as SAM does."""
+
+    requires_closure = True
+
+    def __init__(self, base: torch.optim.Optimizer) -> None:
+        self.base, self.closures = base, 0
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.base.param_groups
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.base.zero_grad(set_to_none=set_to_none)
+
+    def step(self, closure):
+        loss = closure()
+        closure()
+        self.closures += 2
+        self.base.step()
+        return loss
+
+
+def test_the_loop_steps_a_closure_optimizer_with_a_closure() -> None:
+    class Wrapped(_RecordingMethod):
+        def wrap_optimizer(self, optimizer, phase, task):
+            self.optimizer = _CountingClosureOptimizer(optimizer)
+            return self.optimizer
+
+    method = Wrapped()
+    train_phase(method, TaskDataset(_data(), _identity), PhaseConfig(epochs=1, batch_size=4, sched="constant"),
+                TaskInfo(0, 1, (0, 1, 2), 0, 3), RuntimeContext(progress=False), seed=0)
+    assert isinstance(method.optimizer, ClosureOptimizer)
+    assert method.optimizer.closures == 6 and len(method.labels) == 6       # 3 steps, two passes each
+    from timm.optim import create_optimizer_v2
+
+    params = [torch.nn.Parameter(torch.zeros(1))]
+    assert not isinstance(torch.optim.SGD(params, lr=0.1), ClosureOptimizer)
+    # timm's Lookahead wraps a `base_optimizer` too, but steps without a closure
+    assert not isinstance(create_optimizer_v2(params, opt="lookahead_adamw", lr=0.1), ClosureOptimizer)

@@ -9,8 +9,9 @@ import torch
 from timm.scheduler import CosineLRScheduler
 
 from harness.config.compose import resolve_config
+from harness.config.phases import balanced_phase, main_phase
 from harness.core.loop import lr_at_epoch
-from harness.core.method import PhaseConfig, TaskInfo, finetuning_phase_from_config, phase_from_config
+from harness.core.method import PhaseConfig, PhaseKind, TaskInfo
 
 
 def lrs(phase: PhaseConfig) -> list[float]:
@@ -24,7 +25,7 @@ def runs(*pairs: tuple[int, float]) -> list[float]:
 
 def phases(method: str, suite: str, recipe: str | None = None) -> tuple[PhaseConfig, PhaseConfig, dict]:
     config = resolve_config(method, suite, recipe=recipe)
-    return phase_from_config(config, 0), phase_from_config(config, 1), config
+    return main_phase(config, 0), main_phase(config, 1), config
 
 
 # ---- the two schedule kinds against the reference libraries --------------------------------------------------
@@ -69,7 +70,8 @@ def test_dytox_cifar100_and_imagenet_cosine_by_hand() -> None:
             assert got[:8] == pytest.approx(head, rel=1e-9)
             assert got[251] == pytest.approx(6.75e-5, rel=1e-12)          # half-way down: f(250)
             assert got[499] == pytest.approx(1.000453996e-5, rel=1e-9)    # f(498): the min is never reached
-        finetune = finetuning_phase_from_config(config)
+        finetune = balanced_phase(config, PhaseKind.FINETUNE)
+        assert (finetune.kind, finetune.opt) == (PhaseKind.FINETUNE, "adamw")
         assert lrs(finetune) == pytest.approx([5e-5 * 128 / 512] * 20)   # constant, fresh AdamW
 
 
@@ -103,8 +105,20 @@ def test_der_cpu_decouple_stage_by_hand() -> None:
     from methods.der import DER
 
     config = resolve_config("der", "cifar10-5x2")
-    stage = DER(config, torch.device("cpu")).finetune_phase(TaskInfo(1, 5, (2, 3), 2, 10))
+    stage = balanced_phase(config, DER.balanced_phase)
+    assert (stage.kind, stage.opt, stage.batch_size) == (PhaseKind.DECOUPLE, "sgd", 32)
     assert lrs(stage) == pytest.approx(runs((10, 0.1), (5, 0.01)))
+    der = DER(config, torch.device("cpu"))
+    assert der.finetune_phase(TaskInfo(0, 5, (0, 1), 0, 10), stage) is None      # nothing to balance yet
+    assert der.finetune_phase(TaskInfo(1, 5, (2, 3), 2, 10), stage) is stage
+
+
+def test_every_balanced_phase_scales_its_lr_with_the_batch_like_the_main_phase() -> None:
+    # DyTox's recipes set lr_reference_batch; DER's do not, but its decouple stage is scaled alike when one does.
+    config = resolve_config("der", "cifar10-5x2", overrides={"lr_reference_batch": 64})
+    assert main_phase(config, 1).lr == pytest.approx(0.1 * 32 / 64)                  # the suite's batch 32
+    assert balanced_phase(config, PhaseKind.DECOUPLE).lr == pytest.approx(0.1 * 32 / 64)   # decouple_batch_size
+    assert balanced_phase(resolve_config("der", "cifar10-5x2"), PhaseKind.DECOUPLE).lr == 0.1
 
 
 def test_dytox_cpu_recipe_by_hand() -> None:

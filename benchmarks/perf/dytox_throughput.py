@@ -82,7 +82,7 @@ def measure(job: dict) -> dict:
     for t in range(tasks):
         task = TaskInfo(t, tasks, tuple(range(t * per_task, (t + 1) * per_task)), t * per_task, tasks * per_task)
         method.before_task(task)
-    phase = PhaseConfig(name="train", epochs=1, batch_size=job["batch"], lr=1.25e-4, opt="adamw",
+    phase = PhaseConfig(epochs=1, batch_size=job["batch"], lr=1.25e-4, opt="adamw",
                         weight_decay=1e-6, sched="constant")
     method.before_phase(phase, task)
     method.net = method.model

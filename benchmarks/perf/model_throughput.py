@@ -113,6 +113,7 @@ def build_step(model: str, variant: str, device, amp, quick: bool = False):
 
     from harness.config.compose import resolve_config
     from harness.config.catalog import get_method
+    from harness.config.phases import main_phase
 
     config = resolve_config(name, "cifar100", overrides={"backbone": "resnet32"})
     method = get_method(name)(config, device)
@@ -120,7 +121,7 @@ def build_step(model: str, variant: str, device, amp, quick: bool = False):
     for t in range(tasks):
         method.before_task(_task(t))
     task = _task(tasks - 1)
-    phase = method.main_phase(task)
+    phase = main_phase(config, task.task_id)
     channels_last = variant in ("channels_last", "compiled")    # compiled: on top of the best eager layout
     if channels_last:
         method.model.to(memory_format=torch.channels_last)

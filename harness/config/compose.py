@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import yaml
 
@@ -82,13 +82,14 @@ def method_recipe(method: str, recipe: str | None, explicit: bool) -> tuple[dict
     return out, used
 
 
-def _apply(config: dict, updates: dict, known: set[str], aliases: dict[str, str | None], source: str,
-           value_maps: dict[str, Callable[[Any], Any]] | None = None, origins: dict[str, str] | None = None) -> None:
+def _apply(config: dict, updates: dict, known: set[str], method_cls: type, source: str,
+           origins: dict[str, str] | None = None) -> None:
+    aliases, value_maps = method_cls.option_aliases, method_cls.option_value_maps
     for key, value in updates.items():
         if not isinstance(key, str):
             raise ConfigError(f"option names must be strings, got {key!r} in {source}")
         key = key.replace("-", "_")
-        if value_maps and key in value_maps:
+        if key in value_maps:
             # A method's original-code value -> ours (DyTox `data_set: CIFAR` -> cifar100), keyed by the key as
             # written, before aliasing; it raises ConfigError for values the method does not implement.
             try:
@@ -103,7 +104,9 @@ def _apply(config: dict, updates: dict, known: set[str], aliases: dict[str, str 
         if key not in known:
             close = [k for k in sorted(known) if k.split("_")[0] == key.split("_")[0]][:5]
             hint = f" (did you mean: {', '.join(close)}?)" if close else ""
-            raise ConfigError(f"unknown option {key!r} in {source}{hint}")
+            raise ConfigError(f"unknown option {key!r} in {source}{hint}; options are the harness's "
+                              f"(benchmarks/recipes/defaults.yaml) and the method's own: declare one in "
+                              f"benchmarks/recipes/{method_cls.name}/default.yaml")
         config[key] = value
         if origins is not None:
             origins[key] = source
@@ -129,20 +132,18 @@ def compose_config(method: str, suite: str, options: Iterable[str] = (), overrid
     suite_cfg = load_suite(suite)
     recipe_cfg, recipe_files = method_recipe(method, recipe or suite_cfg.get("recipe"), explicit=recipe is not None)
     known = set(config) | set(recipe_cfg) | SUITE_KEYS
-    aliases = dict(getattr(method_cls, "option_aliases", {}))
-    maps = dict(getattr(method_cls, "option_value_maps", {}))
-    _apply(config, {k: v for k, v in suite_cfg.items() if k not in SUITE_KEYS}, known, aliases, f"suite {suite}",
-           maps, origins)
-    _apply(config, recipe_cfg, known, aliases, f"recipe {', '.join(recipe_files) or method}", maps, origins)
+    _apply(config, {k: v for k, v in suite_cfg.items() if k not in SUITE_KEYS}, known, method_cls,
+           f"suite {suite}", origins)
+    _apply(config, recipe_cfg, known, method_cls, f"recipe {', '.join(recipe_files) or method}", origins)
     # A suite's `budget` (e.g. a few epochs for a CPU suite) overrides every method's recipe alike.
     budget = suite_cfg.get("budget") or {}
     if not isinstance(budget, dict):
         raise ConfigError(f"suite {suite}: `budget` must be a mapping of option: value, got {budget!r}")
-    _apply(config, budget, known, aliases, f"suite {suite} budget", maps, origins)
+    _apply(config, budget, known, method_cls, f"suite {suite} budget", origins)
     for path in options:
-        _apply(config, load_yaml(path), known, aliases, str(path), maps, origins)
+        _apply(config, load_yaml(path), known, method_cls, str(path), origins)
     flags = {k: v for k, v in (overrides or {}).items() if v is not None and k not in ("orders", "seeds")}
-    _apply(config, flags, known, aliases, "command line", maps, origins)
+    _apply(config, flags, known, method_cls, "command line", origins)
     config.update(method=method, suite=suite_cfg["name"], recipe_files=recipe_files,
                   options_files=[str(Path(p).resolve()) for p in options])
     overrides = overrides or {}
@@ -176,13 +177,15 @@ def check_required(config: dict) -> None:
 
 def validate(config: dict) -> None:
     """Checks that need several keys at once."""
+    from harness.config.catalog import get_method
+    from harness.config.memory import memory_budget
+
     check_required(config)
     for key in ("epochs", "batch_size"):
         if not isinstance(config.get(key), int) or config[key] < 0 or (key == "batch_size" and config[key] == 0):
             raise ConfigError(f"option {key!r} must be a {'positive' if key == 'batch_size' else 'non-negative'} "
                               f"integer, got {config.get(key)!r}")
-    if config.get("memory_size") and config.get("memory_per_class"):
-        raise ConfigError("set memory_size (fixed total budget) or memory_per_class (fixed per class), not both")
+    memory_budget(config, get_method(config["method"]))
     if not isinstance(config.get("num_workers"), int) or config["num_workers"] < 1:
         raise ConfigError(f"num_workers must be an integer >= 1, got {config.get('num_workers')!r}")
     if config["batch_size"] % config["num_workers"]:

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from timm.optim import create_optimizer_v2
 from tqdm.auto import tqdm
 
-from harness.core.method import Method, PhaseConfig, TaskInfo
+from harness.core.method import ClosureOptimizer, Method, PhaseConfig, TaskInfo
 from harness.core.runtime import RuntimeContext, seed_everything
 
 
@@ -183,15 +183,14 @@ def train_phase(method: Method, dataset: Dataset, phase: PhaseConfig, task: Task
     if use_cl:   # every phase: modules added since the last one (DER's extractors) are converted too
         method.model.to(memory_format=torch.channels_last)
     params = [p for p in method.parameters_to_optimize(phase) if p.requires_grad]
-    options = getattr(method, "config", None) or {}
-    decay_1d = bool(options.get("weight_decay_1d", True))
+    decay_1d = bool(method.config.get("weight_decay_1d", True))
     optimizer = method.wrap_optimizer(build_optimizer(params, phase, decay_1d), phase, task)
     lr_at_epoch(phase, 0)                   # an unknown schedule fails before any work
     scaler = torch.amp.GradScaler("cuda") if ctx.amp == torch.float16 else None
-    loader_seed = seed + 7919 * task.task_id + zlib.crc32(phase.name.encode()) % 997
-    # `finetuning_shuffle: false` replays the original DyTox's `ft_no_sampling`: the memory phase iterates the
-    # memory in its stored (class-sorted) order, unshuffled.
-    shuffle = phase.data != "memory" or options.get("finetuning_shuffle", True) is not False
+    loader_seed = seed + 7919 * task.task_id + zlib.crc32(phase.kind.value.encode()) % 997
+    # `finetuning_shuffle: false` replays the original DyTox's `ft_no_sampling`: a phase on the memory iterates
+    # it in its stored (class-sorted) order, unshuffled.
+    shuffle = not phase.kind.on_memory or method.config.get("finetuning_shuffle", True) is not False
     loader = make_loader(dataset, phase.batch_size, ctx, loader_seed,
                          shuffle=shuffle, loader_workers=loader_workers, repeats=phase.repeated_aug)
     if ctx.world_size > 1:
@@ -207,7 +206,7 @@ def train_phase(method: Method, dataset: Dataset, phase: PhaseConfig, task: Task
     method.model.train()
     epoch_times, images, losses = [], 0, []
     phase_start = time.perf_counter()
-    bar = tqdm(total=phase.epochs * len(loader), desc=f"task {task.task_id} {phase.name}",
+    bar = tqdm(total=phase.epochs * len(loader), desc=f"task {task.task_id} {phase.kind}",
                disable=not (ctx.progress and ctx.is_main), leave=False, dynamic_ncols=True)
     for epoch in range(phase.epochs):
         loader.batch_sampler.set_epoch(epoch)
@@ -225,8 +224,8 @@ def train_phase(method: Method, dataset: Dataset, phase: PhaseConfig, task: Task
             count += 1
             images += x.shape[0] * ctx.world_size
             bar.update(1)
-            ctx.beat(task.task_id, phase.name, epoch, phase.epochs, count, len(loader), running / count, images,
-                     time.perf_counter() - phase_start)
+            ctx.beat(task.task_id, phase.kind.value, epoch, phase.epochs, count, len(loader), running / count,
+                     images, time.perf_counter() - phase_start)
         epoch_times.append(time.perf_counter() - start)
         losses.append(running / max(count, 1))
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
@@ -239,8 +238,8 @@ def train_phase(method: Method, dataset: Dataset, phase: PhaseConfig, task: Task
     return stats
 
 
-def _step(method: Method, optimizer, scaler, batch, task: TaskInfo, phase: PhaseConfig,
-          ctx: RuntimeContext) -> float:
+def _step(method: Method, optimizer: torch.optim.Optimizer | ClosureOptimizer, scaler, batch, task: TaskInfo,
+          phase: PhaseConfig, ctx: RuntimeContext) -> float:
     optimizer.zero_grad(set_to_none=True)
 
     def closure() -> torch.Tensor:
@@ -249,13 +248,13 @@ def _step(method: Method, optimizer, scaler, batch, task: TaskInfo, phase: Phase
         loss.backward()
         return loss
 
-    if getattr(optimizer, "requires_closure", False):   # SAM/ASAM: two forward-backward passes
+    if isinstance(optimizer, ClosureOptimizer):   # SAM/ASAM: two forward-backward passes
         loss = optimizer.step(closure)
         return float(loss.detach())
     with ctx.autocast():
         loss = method.training_step(batch, task, phase)
     if not torch.isfinite(loss):
-        raise FloatingPointError(f"non-finite loss {loss.item()} at task {task.task_id} ({phase.name}); "
+        raise FloatingPointError(f"non-finite loss {loss.item()} at task {task.task_id} ({phase.kind}); "
                                  "lower the learning rate or disable AMP")
     if scaler is not None:
         scaler.scale(loss).backward()

@@ -1,15 +1,19 @@
-"""The method contract: a small class with hooks; the harness owns the loop (harness.core.loop).
+"""The method contract: everything a method may use or provide is declared here; the harness owns the loop
+(harness.core.loop) and builds the phases from the options (harness.config.phases).
 
 A method never sees Ray, MLflow, samplers or optimizers' bookkeeping. It builds `self.model`, grows it in
 `before_task`, returns a loss from `training_step`, and answers `predict` / `features`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
-from typing import Any, Iterable
+from dataclasses import dataclass, replace
+from enum import StrEnum
+from typing import Any, Callable, ClassVar, Iterable, Mapping, Protocol, runtime_checkable
 
 import torch
 from torch import nn
+
+from harness.data.base import ArrayData
 
 
 @dataclass(frozen=True)
@@ -31,11 +35,23 @@ class TaskInfo:
         return self.num_old_classes + self.num_new_classes
 
 
+class PhaseKind(StrEnum):
+    """What a phase trains on. The loop hashes the value into the loader seed: renaming one changes results."""
+
+    TRAIN = "train"            # the task's data, plus the rehearsal memory when there is one
+    FINETUNE = "finetune"      # the balanced memory only (DyTox's finetuning)
+    DECOUPLE = "decouple"      # the balanced memory only, classifier re-training (DER's decouple stage)
+
+    @property
+    def on_memory(self) -> bool:
+        return self is not PhaseKind.TRAIN
+
+
 @dataclass(frozen=True)
 class PhaseConfig:
-    """One optimisation phase (main training or finetuning) of one task. Batch size and lr are GLOBAL."""
+    """One optimisation phase of one task, as the loop runs it. Batch size and lr are GLOBAL."""
 
-    name: str = "train"               # "train" | "finetune" | a method's own stage name
+    kind: PhaseKind = PhaseKind.TRAIN
     epochs: int = 1
     batch_size: int = 128
     lr: float = 0.1
@@ -48,73 +64,72 @@ class PhaseConfig:
     warmup_epochs: int = 0
     warmup_lr: float = 1e-6
     min_lr: float = 0.0
-    data: str = "task"                # "task" (task data + memory) | "memory" (balanced, memory only)
     repeated_aug: int = 1             # DeiT repeated augmentation factor
-    extra: dict = field(default_factory=dict)
 
     def with_(self, **changes: Any) -> "PhaseConfig":
+        """A copy with some fields changed (e.g. in `Method.finetune_phase`)."""
         return replace(self, **changes)
 
 
-def _pick(config: dict, key: str, incremental_key: str | None, first_task: bool) -> Any:
-    # DyTox naming: `base_epochs` / `lr` apply to the first task, `epochs` / `incremental_lr` to the rest.
-    if incremental_key is not None and not first_task and config.get(incremental_key) is not None:
-        return config[incremental_key]
-    return config[key]
+class MethodTools(Protocol):
+    """What the harness lends a method (harness.run.trial.TrialTools), as `method.tools`."""
+
+    def features(self, data: ArrayData, flip: bool = False,
+                 transform: Callable[..., torch.Tensor] | None = None) -> torch.Tensor:
+        """Eval-mode `method.features` of `data` (the test transform unless `transform` is given; `flip`: the
+        mean of each image's and its mirror's L2-normalised features), gathered across workers."""
+        ...
+
+    def memory_data(self) -> ArrayData | None:
+        """The rehearsal memory's images and labels; None when there is no memory or it is empty."""
+        ...
 
 
-def phase_from_config(config: dict, task_id: int) -> PhaseConfig:
-    """The main training phase of task `task_id`, from the flat config (see benchmarks/recipes/defaults.yaml)."""
-    first = task_id == 0
-    epochs = config["base_epochs"] if first and config.get("base_epochs") is not None else config["epochs"]
-    milestones = (config["base_milestones"] if first and config.get("base_milestones") is not None
-                  else config["milestones"])
-    batch = _pick(config, "batch_size", "incremental_batch_size", first)
-    lr = _pick(config, "lr", "incremental_lr", first)
-    if config.get("lr_reference_batch"):
-        lr = lr * batch / config["lr_reference_batch"]   # linear scaling on the GLOBAL batch
-    return PhaseConfig(
-        name="train", epochs=int(epochs), batch_size=int(batch), lr=float(lr), opt=config["opt"],
-        momentum=float(config["momentum"]),
-        weight_decay=float(_pick(config, "weight_decay", "incremental_weight_decay", first)),
-        sched=config["sched"], milestones=tuple(int(m) for m in milestones or ()),
-        gamma=float(config["gamma"]), warmup_epochs=int(config["warmup_epochs"]),
-        warmup_lr=float(config["warmup_lr"]), min_lr=float(config["min_lr"]),
-        repeated_aug=int(config.get("repeated_aug") or 1),
-    )
+@runtime_checkable
+class ClosureOptimizer(Protocol):
+    """An optimizer wrapper whose step recomputes the loss (SAM/ASAM: two forward-backward passes). The loop
+    calls `zero_grad()`, then `step(closure)`, where the closure runs the forward pass, the loss and backward;
+    it sets the lr through `param_groups`. `requires_closure` marks the protocol (its value is not read)."""
 
+    requires_closure: bool
+    param_groups: list[dict]
 
-def finetuning_phase_from_config(config: dict) -> PhaseConfig | None:
-    """The balanced finetuning phase on the memory (DyTox, DER's decouple stage), or None when disabled."""
-    epochs = int(config.get("finetuning_epochs") or 0)
-    if epochs <= 0:
-        return None
-    batch = config.get("finetuning_batch_size") or config["batch_size"]
-    lr = float(config["finetuning_lr"])
-    if config.get("lr_reference_batch"):
-        lr = lr * batch / config["lr_reference_batch"]
-    return PhaseConfig(
-        name="finetune", epochs=epochs, batch_size=int(batch), lr=lr,
-        opt=config.get("finetuning_opt") or config["opt"], momentum=float(config["momentum"]),
-        weight_decay=float(config["weight_decay"]), sched=config.get("finetuning_sched", "constant"),
-        milestones=tuple(config.get("finetuning_milestones") or ()), gamma=float(config["gamma"]),
-        data="memory",
-    )
+    def zero_grad(self, set_to_none: bool = True) -> None: ...
+
+    def step(self, closure: Callable[[], torch.Tensor]) -> torch.Tensor: ...
 
 
 class Method:
-    """Base class. Subclasses override the hooks they need and register with @register_method."""
+    """Base class. Subclasses override the hooks they need and register with @register_method("name").
 
-    name: str = "base"
-    uses_memory: bool = True          # finetune sets False: no rehearsal
-    cumulative_data: bool = False     # joint: each task trains on all data seen so far
+    Options: a method reads them from `self.config`, one flat dict. A key is accepted only if it is a harness
+    option (benchmarks/recipes/defaults.yaml) or the method declares it, with its default, in
+    benchmarks/recipes/<name>/default.yaml; any other key stops the run with "unknown option" (a typo never
+    passes silently). docs/ADDING_A_METHOD.md walks through a complete method.
+
+    Set by the harness: `config` and `device` (constructor), `net` (during each phase: `model` or its DDP
+    wrapper; the training forward goes through it), `tools` (after `build()`, before the first task).
+    """
+
+    name: ClassVar[str] = "base"                      # set by @register_method
+    uses_memory: ClassVar[bool] = True                # False: no rehearsal memory, whatever the suite's budget
+    requires_memory: ClassVar[bool] = False           # True: a config without a memory budget is an error
+    cumulative_data: ClassVar[bool] = False           # joint: each task trains on all data seen so far
+    # A phase on the balanced memory after the main phase (its options: harness.config.phases); a method that
+    # declares one needs a memory while the phase is on.
+    balanced_phase: ClassVar[PhaseKind | None] = None
+    # Options of the method's original code: key -> harness key (None: accepted and ignored), and key -> a
+    # function mapping its value to ours (raises ConfigError for values not implemented). Read while composing.
+    option_aliases: ClassVar[Mapping[str, str | None]] = {}
+    option_value_maps: ClassVar[Mapping[str, Callable[[Any], Any]]] = {}
+
+    tools: MethodTools
 
     def __init__(self, config: dict, device: torch.device) -> None:
         self.config = config
         self.device = device
         self.model: nn.Module | None = None
-        self.net: nn.Module | None = None   # self.model, or its DDP wrapper during a phase (set by the loop)
-        self.seen_classes = 0
+        self.net: nn.Module | None = None
 
     # ---- construction and growth -------------------------------------------------------------
     def build(self) -> None:
@@ -134,19 +149,18 @@ class Method:
     def after_phase(self, phase: PhaseConfig, task: TaskInfo) -> None:
         """Called by the loop at the end of a phase."""
 
-    def finetune_phase(self, task: TaskInfo) -> PhaseConfig | None:
-        """A second phase on balanced memory data after the main phase (None: no such phase)."""
-        return None
+    def finetune_phase(self, task: TaskInfo, phase: PhaseConfig) -> PhaseConfig | None:
+        """The balanced-memory phase to run after `task`'s main phase: `phase` as the options define it, a changed
+        copy, or None to skip it. Default: skipped after the first task, whose memory holds one task's classes."""
+        return None if task.task_id == 0 else phase
 
     # ---- training ----------------------------------------------------------------------------
-    def main_phase(self, task: TaskInfo) -> PhaseConfig:
-        return phase_from_config(self.config, task.task_id)
-
     def parameters_to_optimize(self, phase: PhaseConfig) -> Iterable[nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
 
-    def wrap_optimizer(self, optimizer: torch.optim.Optimizer, phase: PhaseConfig, task: TaskInfo):
-        """Return another optimizer (e.g. SAM, which needs a closure: set `requires_closure = True`)."""
+    def wrap_optimizer(self, optimizer: torch.optim.Optimizer, phase: PhaseConfig,
+                       task: TaskInfo) -> torch.optim.Optimizer | ClosureOptimizer:
+        """Return another optimizer, e.g. a ClosureOptimizer (SAM)."""
         return optimizer
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], task: TaskInfo,

@@ -71,6 +71,8 @@ def estimate_hours(config: dict, device: torch.device | str | None = None) -> fl
     """Estimated wall-clock hours of all the trials of `config` on `device` (default: the one the run would
     pick), run one after another; nan when the data's size is unknown or the model cannot be counted."""
     from harness.config.catalog import get_method
+    from harness.config.memory import memory_budget
+    from harness.config.phases import balanced_phase, main_phase
     from harness.core.runtime import amp_dtype, select_device
     from harness.core.scenarios import make_increments
 
@@ -93,9 +95,9 @@ def estimate_hours(config: dict, device: torch.device | str | None = None) -> fl
         return math.nan
 
     per_class = min(TRAIN_PER_CLASS[dataset], int(config.get("train_per_class") or TRAIN_PER_CLASS[dataset]))
-    memory_total = int(config.get("memory_size") or 0)
     method_cls = get_method(config["method"])
-    uses_memory = method_cls.uses_memory and bool(memory_total or config.get("memory_per_class"))
+    budget = memory_budget(config, method_cls)
+    balanced = balanced_phase(config, method_cls.balanced_phase)
     flops = 0.0
     for t, task in enumerate(tasks):
         share = t / max(1, len(tasks) - 1)
@@ -103,20 +105,18 @@ def estimate_hours(config: dict, device: torch.device | str | None = None) -> fl
         new = task.num_new_classes * per_class
         if method_cls.cumulative_data:            # joint: all the data seen so far
             new = task.num_seen_classes * per_class
-        memory_now = 0
-        if uses_memory:
-            budget = memory_total or int(config["memory_per_class"]) * task.num_old_classes
-            memory_now = min(budget, task.num_old_classes * per_class)
-        epochs = int(config.get("base_epochs") or config["epochs"]) if t == 0 else int(config["epochs"])
+        memory_now = 0 if budget is None else min(budget.capacity(task.num_old_classes),
+                                                  task.num_old_classes * per_class)
+        epochs = main_phase(config, t).epochs
         per_image = step + (forward if teacher and t > 0 else 0.0)
         flops += epochs * (new + memory_now) * per_image
-        if t > 0:       # memory-only phases (DyTox's finetuning, DER's classifier re-training): the encoder is
+        if t > 0 and balanced is not None and budget is not None:
+            # the balanced-memory phase (DyTox's finetuning, DER's classifier re-training): the encoder is
             # frozen there, so a step costs about a forward pass
-            memory_after = min(memory_total or 0, task.num_seen_classes * per_class) if uses_memory else 0
-            extra = int(config.get("finetuning_epochs") or 0) + int(config.get("decouple_epochs") or 0)
-            flops += extra * memory_after * forward
+            memory_after = min(budget.capacity(task.num_seen_classes), task.num_seen_classes * per_class)
+            flops += balanced.epochs * memory_after * forward
         flops += task.num_seen_classes * TEST_PER_CLASS[dataset] * forward     # evaluation
-        if uses_memory and config.get("memory_selection") != "random":
+        if budget is not None and config.get("memory_selection") != "random":
             flops += new * forward                                              # herding features
     trials = len(config.get("orders") or [1]) * len(config.get("seeds") or [1])
     if device.type == "cuda":

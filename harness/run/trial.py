@@ -1,7 +1,7 @@
 """One continual run (a trial): plain data in, plain data out.
 
 `run_trial(spec, ctx)` runs in-process, in a Ray Train worker, or on a cluster, unchanged. `spec` is a dict
-made by harness.trials.expand_trials (config, order, seed, name); the result is a JSON-serialisable dict.
+made by harness.config.identity.expand_trials (config, order, seed, name); the result is a JSON-serialisable dict.
 """
 from __future__ import annotations
 
@@ -23,6 +23,8 @@ from harness.core.memory import RehearsalMemory
 from harness.core.method import Method, TaskInfo
 from harness.core.metrics import ContinualMetrics
 from harness.config.catalog import get_method
+from harness.config.memory import memory_budget
+from harness.config.phases import balanced_phase, main_phase
 from harness.run.results import move_aside, warn_stderr
 from harness.core.runtime import RuntimeContext, seed_everything
 from harness.core.scenarios import Scenario, resolve_class_order
@@ -33,13 +35,12 @@ class InjectedFault(RuntimeError):
 
 
 class TrialTools:
-    """What the harness lends a method: feature extraction on any data, and the rehearsal memory."""
+    """What the harness lends a method (harness.core.method.MethodTools): features on any data, the memory's data."""
 
     def __init__(self, method: Method, ctx: RuntimeContext, test_transform, eval_batch: int,
                  memory: RehearsalMemory | None, class_names: list[str]) -> None:
         self._method, self._ctx, self._tf, self._batch = method, ctx, test_transform, eval_batch
-        self.memory = memory
-        self.class_names = class_names
+        self._memory, self._class_names = memory, class_names
 
     def features(self, data: ArrayData, flip: bool = False, transform=None) -> torch.Tensor:
         """Eval-mode features of `data` with the TEST transform (the original DyTox herded on augmented
@@ -49,10 +50,11 @@ class TrialTools:
                                 self._ctx, self._batch, flip=flip)
 
     def memory_data(self) -> ArrayData | None:
-        if self.memory is None or len(self.memory) == 0:
+        """The memory's images and labels; None without a memory or while it is empty."""
+        if self._memory is None or len(self._memory) == 0:
             return None
-        x, y = self.memory.get()
-        return ArrayData(x, y, self.class_names)
+        x, y = self._memory.get()
+        return ArrayData(x, y, self._class_names)
 
 
 def _concat(a: ArrayData, b: ArrayData | None) -> ArrayData:
@@ -153,14 +155,17 @@ def run_trial(spec: dict, ctx: RuntimeContext) -> dict:
         batched = build_batched_transform(info, options=config)
         train_tf, loop_options["batch_transform"] = batched.per_image, batched
 
-    method: Method = get_method(config["method"])(config, ctx.device)
+    method_cls = get_method(config["method"])
+    budget = memory_budget(config, method_cls)
+    method: Method = method_cls(config, ctx.device)
     method.build()
     memory = None
-    if method.uses_memory and (config.get("memory_size") or config.get("memory_per_class")):
-        memory = RehearsalMemory(memory_size=config.get("memory_size") or None,
-                                 per_class=config.get("memory_per_class"), selection=method.memory_selection(),
-                                 seed=seed, placement=config.get("memory_mode") or "global",
+    if budget is not None:
+        memory = RehearsalMemory(memory_size=budget.size, per_class=budget.per_class,
+                                 selection=method.memory_selection(), seed=seed,
+                                 placement=config.get("memory_mode") or "global",
                                  shards=config.get("memory_shards") or 2)
+    balanced = balanced_phase(config, method.balanced_phase)     # the same after every task
     # `herding_transform: train` replays the original DyTox: exemplar features of augmented images.
     herding_tf = build_transform(info, train=True, options=config) if config.get("herding_transform") == "train" \
         else None
@@ -193,8 +198,8 @@ def run_trial(spec: dict, ctx: RuntimeContext) -> dict:
                 data = _concat(data, scenario.train_task(past))
         else:
             data = _concat(scenario.train_task(t), method.tools.memory_data())
-        phase = method.main_phase(task)
-        stats = train_phase(method, TaskDataset(data, train_tf), phase, task, ctx, seed, **loop_options)
+        stats = train_phase(method, TaskDataset(data, train_tf), main_phase(config, t), task, ctx, seed,
+                            **loop_options)
 
         if memory is not None:
             new_data = scenario.train_task(t)
@@ -202,7 +207,7 @@ def run_trial(spec: dict, ctx: RuntimeContext) -> dict:
             memory.update(new_data.x, new_data.y, feats, num_seen_classes=task.num_seen_classes)
         method.after_task(task)
 
-        ft_phase = method.finetune_phase(task)
+        ft_phase = method.finetune_phase(task, balanced) if balanced is not None else None
         if ft_phase is not None and method.tools.memory_data() is not None:
             train_phase(method, TaskDataset(method.tools.memory_data(), train_tf), ft_phase, task, ctx, seed,
                         **loop_options)

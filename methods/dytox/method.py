@@ -21,13 +21,12 @@ import torch
 from timm.data.mixup import Mixup, mixup_target
 
 from harness.errors import ConfigError
-from harness.core.method import Method, PhaseConfig, TaskInfo, finetuning_phase_from_config
+from harness.core.method import Method, PhaseConfig, PhaseKind, TaskInfo
 from harness.core.registry import register_method
 from methods.dytox.losses import KD_REDUCTIONS, dytox_loss, hard_targets
 from methods.dytox.model import FREEZE_GROUPS, DyTox, DyToxConfig, count_parameters
 from methods.dytox.sam import SAM
 
-FINETUNE = "finetune"
 HEAD_DIV_MODES = ("tr", "ft")      # tr: main phase, ft: finetuning phase
 SAM_MODES = ("tr", "ft")
 
@@ -116,7 +115,7 @@ IGNORED = (
     "validation", "dytox",
     # memory placement: the harness memory is one global memory, selected once (see docs/METHODS.md)
     "distributed_memory", "global_memory", "rehearsal_test_trsf",
-    # finetuning loader: the harness always shuffles (the original iterated the memory class-sorted)
+    # finetuning loader: `finetuning_shuffle: false` is the original's ft_no_sampling (the memory class-sorted)
     "ft_no_sampling",
     # augmentation details timm ignored with RandAugment on, or that only matter with random erasing
     "color_jitter", "train_interpolation", "remode", "recount", "resplit",
@@ -215,6 +214,7 @@ def model_config(config: dict) -> DyToxConfig:
 class DyToxMethod(Method):
     """DyTox / DyTox+ / DyTox++ (transformer, task tokens); variants are option presets (see docs/METHODS.md)."""
 
+    balanced_phase = PhaseKind.FINETUNE      # options finetuning_*; `finetuning: none` turns it off
     option_aliases, option_value_maps = _alias_tables()
 
     def build(self) -> None:
@@ -277,20 +277,15 @@ class DyToxMethod(Method):
     def after_task(self, task: TaskInfo) -> None:
         self.teacher = None                   # KD only in the main phase: free its memory before finetuning
 
-    def finetune_phase(self, task: TaskInfo) -> PhaseConfig | None:
-        if task.task_id == 0 or _finetuning(self.config.get("finetuning", "balanced")) == "none":
-            return None
-        return finetuning_phase_from_config(self.config)
-
     def before_phase(self, phase: PhaseConfig, task: TaskInfo) -> None:
-        if phase.name == FINETUNE:
+        if phase.kind is PhaseKind.FINETUNE:
             self._freeze_finetune()
         else:
             self._freeze_main(task)
         self.mixup.clear()
 
     def after_phase(self, phase: PhaseConfig, task: TaskInfo) -> None:
-        if phase.name == FINETUNE:
+        if phase.kind is PhaseKind.FINETUNE:
             self._freeze_main(task)           # the state before_task leaves (what a resumed trial replays)
         self.mixup.clear()
 
@@ -299,7 +294,7 @@ class DyToxMethod(Method):
         `sam_skip_first`."""
         c = self.config
         rho = float(c.get("sam_rho") or 0.0)
-        mode = "ft" if phase.name == FINETUNE else "tr"
+        mode = "ft" if phase.kind is PhaseKind.FINETUNE else "tr"
         if rho <= 0 or mode not in _head_div_mode(c.get("sam_mode", ["tr"])):
             return optimizer
         if c.get("sam_skip_first") and task.task_id == 0:
@@ -310,7 +305,7 @@ class DyToxMethod(Method):
     def training_step(self, batch, task: TaskInfo, phase: PhaseConfig) -> torch.Tensor:
         x, y = batch
         c = self.config
-        finetune = phase.name == FINETUNE
+        finetune = phase.kind is PhaseKind.FINETUNE
         num_seen = self.model.num_classes
         if self.mixup.active:
             x, targets = self.mixup(x, y, num_seen)

@@ -8,9 +8,9 @@ One step, with gradient g at the weights w:
 ASAM's eta is 0 by default, as in the common implementation DyTox's ASAM follows (adaptive rho 3.0 is tuned for
 that form). Parameters without a gradient are not perturbed.
 
-The harness loop (harness.loop._step) calls `zero_grad()` then `step(closure)` when `requires_closure` is true;
-the closure runs the forward pass under autocast, computes the loss and calls backward. The scheduler is built
-on `base_optimizer` (the loop looks it up), so learning-rate changes reach the real optimizer.
+SAM is a harness.core.method.ClosureOptimizer: the loop calls `zero_grad()` then `step(closure)`, where the
+closure runs the forward pass under autocast, computes the loss and calls backward; the loop sets each epoch's
+lr through `param_groups`, which are the base optimizer's, so learning-rate changes reach the real optimizer.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import torch
 class SAM:
     """Wraps `base_optimizer`; `step(closure)` does the two forward-backward passes. Returns the first loss."""
 
-    requires_closure = True
+    requires_closure = True          # the ClosureOptimizer protocol
 
     def __init__(self, base_optimizer: torch.optim.Optimizer, rho: float = 0.05, adaptive: bool = False,
                  eta: float = 0.0) -> None:
