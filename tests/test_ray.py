@@ -38,7 +38,8 @@ from harness.config.compose import resolve_config  # noqa: E402
 from harness.errors import ResourceError  # noqa: E402
 from harness.run.events import LaunchOptions
 from harness.run.events import TrialEvents  # noqa: E402
-from harness.run.ray_grid import plan_resources, run_ray  # noqa: E402
+from harness.run.ray_grid import run_ray  # noqa: E402
+from harness.run.ray_resources import plan_resources  # noqa: E402
 from harness.config.identity import expand_trials  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -210,6 +210,11 @@ def test_search_mode_mismatches_and_missing_optuna(tmp_path):
         sweep_main(_args(tmp_path, space, "--val-fraction", "1.5"))
     with pytest.raises(ConfigError, match="nothing to resume"):
         sweep_main(_args(tmp_path, space, "--resume"))
+    # --set is read as run_benchmark.py reads it (harness.config.compose.parse_overrides)
+    with pytest.raises(ConfigError, match="--set expects KEY=VALUE, got 'lr'"):
+        sweep_main(_args(tmp_path, space, "--set", "lr"))
+    with pytest.raises(ConfigError, match="--set '=3' has no option name"):
+        sweep_main(_args(tmp_path, space, "--set", "=3"))
     assert not ray.is_initialized()
 
 

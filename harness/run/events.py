@@ -1,5 +1,5 @@
 """What happens around a trial in the driver, shared by every launcher (harness.run.local, harness.run.ray_grid)
-and the sweep driver: the progress lines, `TrialEvents` (the ONE place where per-trial side effects happen in the
+and the sweep's driver: the progress lines, `TrialEvents` (the ONE place where per-trial side effects happen in the
 driver: the progress line per task and per trial, the MLflow tracker), the trial folders, skipping finished
 trials and the result of a failed or finished trial. Imports nothing heavy: the Ray driver and the Tune
 trainable import it in processes that never run a trial."""
@@ -15,41 +15,47 @@ from harness.run.results import read_result
 LAUNCHERS = ("ray", "local")
 
 
+def trial_label(spec: dict) -> str:
+    """`[method suite order=... seed=...]`: how progress lines name a benchmark's trial."""
+    cfg = spec["config"]
+    return f"[{cfg['method']} {cfg['suite']} order={spec['order_name']} seed={spec['seed']}]"
+
+
 def task_line(spec: dict, row: dict) -> str:
     """One progress line per finished task: method, order, seed, task, accuracy."""
-    cfg = spec["config"]
     head = f" ({row['head']} head)" if row.get("head") else ""      # iCaRL's main head is NME, others CNN
-    return (f"[{cfg['method']} {cfg['suite']} order={spec['order_name']} seed={spec['seed']}] task {row['task'] + 1}"
-            f" acc={row['accuracy']:.2f} avg={row['avg_inc_accuracy']:.2f}{head} loss={row['loss']:.3f}")
+    return (f"{trial_label(spec)} task {row['task'] + 1} acc={row['accuracy']:.2f} avg={row['avg_inc_accuracy']:.2f}"
+            f"{head} loss={row['loss']:.3f}")
 
 
 def trial_line(spec: dict, result: dict) -> str:
     """One line per finished (or failed) trial."""
-    cfg = spec["config"]
-    head = f"[{cfg['method']} {cfg['suite']} order={spec['order_name']} seed={spec['seed']}]"
     if result.get("status") != "finished":
-        return f"{head} FAILED: {result.get('error', 'unknown error')}"
+        return f"{trial_label(spec)} FAILED: {result.get('error', 'unknown error')}"
     main_head, main = next(iter((result.get("metrics") or {}).items()), (None, {}))
     avg, last = main.get("average_incremental_accuracy"), main.get("last_accuracy")
     nums = (f" avg_inc_acc={avg:.2f} last_acc={last:.2f} ({main_head} head)" if avg is not None and last is not None
             else "")
-    return f"{head} finished{nums} ({result.get('wall_time_s', 0.0):.1f} s)"
+    return f"{trial_label(spec)} finished{nums} ({result.get('wall_time_s', 0.0):.1f} s)"
 
 
-def progress_line(spec: dict, info: dict) -> str:
-    """A heartbeat inside a long task: `[...] task 3 main epoch 12/500 step 40/97 loss=1.234 310 img/s, phase
-    ETA 41m` (harness.runtime.RuntimeContext.beat)."""
+def progress_text(info: dict) -> str:
+    """A heartbeat inside a long task (harness.core.runtime.RuntimeContext.beat), without the trial's label:
+    `task 3 main epoch 12/500 step 40/97 loss=1.234 310 img/s, phase ETA 41m`."""
     eta = info.get("eta_s")
     eta_text = "?" if eta is None else (f"{eta / 60:.0f}m" if eta >= 90 else f"{eta:.0f}s")
-    cfg = spec["config"]
-    return (f"[{cfg['method']} {cfg['suite']} order={spec['order_name']} seed={spec['seed']}] task "
-            f"{int(info.get('task', 0)) + 1} {info.get('phase', '')} epoch {info.get('epoch')}/{info.get('epochs')} "
-            f"step {info.get('step')}/{info.get('steps')} loss={float(info.get('loss', float('nan'))):.3f} "
+    return (f"task {int(info.get('task', 0)) + 1} {info.get('phase', '')} "
+            f"epoch {info.get('epoch')}/{info.get('epochs')} step {info.get('step')}/{info.get('steps')} "
+            f"loss={float(info.get('loss', float('nan'))):.3f} "
             f"{float(info.get('images_per_s', 0.0)):.0f} img/s, phase ETA {eta_text}")
 
 
+def progress_line(spec: dict, info: dict) -> str:
+    return f"{trial_label(spec)} {progress_text(info)}"
+
+
 class TrialLogger(Protocol):
-    """What a per-trial tracker implements (harness.tracking.store's MLflow logger, later)."""
+    """What a per-trial tracker implements (harness.tracking.trackers.Tracker)."""
 
     def log_task(self, spec: dict, row: dict) -> None: ...
 

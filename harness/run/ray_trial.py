@@ -344,7 +344,7 @@ def _run_torch_trainer(spec: dict, setup: dict, plan: ResourcePlan) -> None:
         done = read_result(output_dir, name)
         # A sweep trial stopped by its scheduler (ASHA) may land here after the driver has moved on: sweeps
         # record outcomes in the driver and never get a "failed" result.json here.
-        if setup.get("record_failures", True) and (done is None or done.get("status") != "finished"):
+        if setup["record_failures"] and (done is None or done.get("status") != "finished"):
             if _startup_timeout_in(exc):
                 message = (f"WorkerGroupStartupTimeoutError: the trial's {plan.num_workers} workers "
                            f"({resources} each) could not be placed within {timeout:g} s; free the cluster, "

@@ -21,10 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import yaml
 
 from harness.errors import ConfigError
+from harness.tracking.store import plain
 
 # name -> number of arguments (None: a non-empty list of values)
 DISTRIBUTIONS: dict[str, int | None] = {
@@ -163,7 +163,7 @@ def option_keys(method: str, suite: str, recipe: str | None = None) -> tuple[set
     method_cls = get_method(method)
     suite_cfg = load_suite(suite)
     recipe_cfg, _ = method_recipe(method, recipe or suite_cfg.get("recipe"), explicit=recipe is not None)
-    return set(defaults()) | set(recipe_cfg), dict(getattr(method_cls, "option_aliases", {}))
+    return set(defaults()) | set(recipe_cfg), dict(method_cls.option_aliases)
 
 
 def parse_space(data: Any, where: str, known: set[str], aliases: dict[str, str | None] | None = None,
@@ -225,17 +225,6 @@ def load_space(path: str | Path, method: str, suite: str, recipe: str | None = N
 # ---------------------------------------------------------------------------------------------------------
 # The best configuration
 # ---------------------------------------------------------------------------------------------------------
-def plain(value: Any) -> Any:
-    """YAML-safe Python values (numpy scalars from Tune's samplers -> int/float)."""
-    if isinstance(value, dict):
-        return {str(k): plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [plain(v) for v in value]
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
-
-
 def best_config_yaml(values: dict[str, Any], header: list[str]) -> str:
     """A YAML options file: a comment header, then only the space's keys (as `--options best.yaml` takes)."""
     body = yaml.safe_dump(plain(values), sort_keys=True, default_flow_style=False)
