@@ -29,8 +29,33 @@ def test_layers_apply_in_order(tmp_path):
 def test_unknown_option_is_rejected(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("lr: 0.1\nlearning_rat: 3\n")
-    with pytest.raises(ConfigError, match="unknown option 'learning_rat'"):
+    with pytest.raises(ConfigError, match="unknown option 'learning_rat'") as err:
         resolve_config("replay", "cifar10-mini", [str(bad)])
+    assert "\n" not in str(err.value)
+    assert str(err.value).endswith("declare one in benchmarks/recipes/replay/default.yaml")   # where the rule lives
+
+
+def test_a_method_option_is_accepted_for_that_method_only():
+    """iCaRL's recipe declares kd_temperature; the same key for replay, whose recipe does not, is an error."""
+    assert resolve_config("icarl", "digits-5x2", overrides={"kd_temperature": 3.0})["kd_temperature"] == 3.0
+    with pytest.raises(ConfigError, match="unknown option 'kd_temperature' in command line"):
+        resolve_config("replay", "digits-5x2", overrides={"kd_temperature": 3.0})
+
+
+def test_one_memory_decision_for_every_method():
+    from harness.config.catalog import get_method
+    from harness.config.memory import MemoryBudget, memory_budget
+
+    replay, finetune, icarl = (get_method(m) for m in ("replay", "finetune", "icarl"))
+    assert memory_budget({"memory_size": 100}, replay) == MemoryBudget(size=100)
+    assert memory_budget({"memory_size": 0, "memory_per_class": 5}, replay) == MemoryBudget(per_class=5)
+    assert memory_budget({"memory_size": 0, "memory_per_class": None}, replay) is None
+    assert memory_budget({"memory_size": 100}, finetune) is None                # uses_memory = False
+    with pytest.raises(ConfigError, match="not both"):
+        memory_budget({"memory_size": 100, "memory_per_class": 5}, finetune)
+    with pytest.raises(ConfigError, match="icarl needs a rehearsal memory"):
+        memory_budget({"memory_size": 0}, icarl)
+    assert MemoryBudget(size=100).capacity(4) == 100 and MemoryBudget(per_class=5).capacity(4) == 20
 
 
 def test_malformed_yaml_names_file_and_line(tmp_path):

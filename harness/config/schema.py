@@ -180,8 +180,8 @@ SCHEMA: dict[str, Rule] = {
     "placement_timeout_s": POS_NUM, "progress_interval_s": NONNEG_NUM,
     "batched_augment": AUTO_BOOL, "channels_last": AUTO_BOOL, "compile": BOOL, "variant": optional(TEXT),
     "fault_at_task": optional(NONNEG_INT),
-    # iCaRL
-    "icarl_loss": choice(("kd", "bce")), "kd_temperature": POS_NUM,
+    # iCaRL, LwF
+    "icarl_loss": choice(("kd", "bce")), "kd_temperature": POS_NUM, "lwf_lambda": NONNEG_NUM,
     # DER
     "aux_weight": NONNEG_NUM, "reuse_old_classifier": BOOL, "weight_align": BOOL, "decouple_epochs": NONNEG_INT,
     "decouple_lr": POS_NUM, "decouple_milestones": int_list(1), "decouple_gamma": POS_NUM,
