@@ -84,6 +84,11 @@ class MethodTools(Protocol):
         """The rehearsal memory's images and labels; None when there is no memory or it is empty."""
         ...
 
+    def task_data(self) -> ArrayData:
+        """The current task's own training data (the memory's not included), from `before_task` on: e.g. to
+        initialise new classes' weights from their features (UCIR's imprinting)."""
+        ...
+
 
 @runtime_checkable
 class ClosureOptimizer(Protocol):

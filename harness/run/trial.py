@@ -41,6 +41,7 @@ class TrialTools:
                  memory: RehearsalMemory | None, class_names: list[str]) -> None:
         self._method, self._ctx, self._tf, self._batch = method, ctx, test_transform, eval_batch
         self._memory, self._class_names = memory, class_names
+        self._task_data: ArrayData | None = None
 
     def features(self, data: ArrayData, flip: bool = False, transform=None) -> torch.Tensor:
         """Eval-mode features of `data` with the TEST transform (the original DyTox herded on augmented
@@ -55,6 +56,16 @@ class TrialTools:
             return None
         x, y = self._memory.get()
         return ArrayData(x, y, self._class_names)
+
+    def task_data(self) -> ArrayData:
+        """The current task's own training data (set by the trial before `before_task`)."""
+        if self._task_data is None:
+            raise RuntimeError("task_data() is available from before_task on, while a task trains")
+        return self._task_data
+
+    def start_task(self, data: ArrayData) -> None:
+        """The trial hands over each task's own training data before `before_task`."""
+        self._task_data = data
 
 
 def _concat(a: ArrayData, b: ArrayData | None) -> ArrayData:
@@ -191,18 +202,19 @@ def run_trial(spec: dict, ctx: RuntimeContext) -> dict:
     for t in range(start_task, num_tasks):
         task = _task_info(scenario, t)
         seed_everything(seed * 1000 + t)   # each task starts from a known RNG state, also after a resume
+        new_data = scenario.train_task(t)
+        method.tools.start_task(new_data)
         method.before_task(task)
         if method.cumulative_data:
             data = scenario.train_task(0)
             for past in range(1, t + 1):
                 data = _concat(data, scenario.train_task(past))
         else:
-            data = _concat(scenario.train_task(t), method.tools.memory_data())
+            data = _concat(new_data, method.tools.memory_data())
         stats = train_phase(method, TaskDataset(data, train_tf), main_phase(config, t), task, ctx, seed,
                             **loop_options)
 
         if memory is not None:
-            new_data = scenario.train_task(t)
             feats = method.tools.features(new_data, transform=herding_tf) if memory.selection != "random" else None
             memory.update(new_data.x, new_data.y, feats, num_seen_classes=task.num_seen_classes)
         method.after_task(task)
