@@ -6,13 +6,13 @@
   python run_benchmark.py --list-methods | --list-suites
   python run_benchmark.py report --output-dir results              # leaderboard from an MLflow store
   python run_benchmark.py sweep --method icarl --suite cifar10-5x2 --space benchmarks/sweeps/icarl.yaml
+  python run_benchmark.py table --suite cifar100 --methods icarl ucir bic wa podnet der dytox
 
 Options resolve as: harness defaults < suite < method recipe < --options files (in order) < flags.
 """
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,13 +22,46 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
 from harness.errors import ConfigError, HarnessError, ResourceError  # noqa: E402
-from harness.run.preflight import OneLineParser  # noqa: E402
+from harness.config.catalog import get_method, list_methods  # noqa: E402
+from harness.config.compose import (RECIPES_DIR, compose_config, list_suites, load_suite,  # noqa: E402
+                                     parse_overrides)
+from harness.config.identity import expand_trials, fix_identity  # noqa: E402
+from harness.run.cluster import preflight_cluster  # noqa: E402
+from harness.run.estimate import long_run_warning  # noqa: E402
+from harness.run.events import LaunchOptions, TrialEvents  # noqa: E402
+from harness.run.launch import launch, resolve_threads  # noqa: E402
+from harness.run.preflight import OneLineParser, preflight  # noqa: E402
+from harness.run.results import summary_markdown, summary_table  # noqa: E402
+from harness.tracking.comparison import PAIRED_NOTE, comparison_markdown, comparison_table, write_comparison  # noqa: E402
+from harness.tracking.report import load_published, to_markdown as board_markdown, write_leaderboard  # noqa: E402
+from harness.tracking.trackers import BenchmarkTracker  # noqa: E402
+
+TABLE_DOC = """The paper-style comparison of several methods on one suite, as ONE grid of trials.
+
+  python run_benchmark.py table --suite cifar100 --methods icarl ucir bic wa podnet der dytox
+  python run_benchmark.py table --suite cifar10-5x2 --methods finetune replay icarl der --reference icarl
+
+Every method runs every class order x seed of the suite (trials of different methods share the cluster at the
+same time; finished trials are skipped on a rerun). The table gives each method's average incremental and last
+accuracy (mean +- std), parameters, compute, the published number of the same protocol and the difference to it,
+and the paired difference to --reference over the same orders and seeds with a 95% interval; it is written as
+table_<suite>.csv/.md and table_<suite>_curves.png in --output-dir.
+"""
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(table: bool = False) -> argparse.ArgumentParser:
+    """The benchmark's flags; `table`: the `table` command's (several --methods and a --reference instead of
+    --method)."""
     p = OneLineParser(
-        prog="run_benchmark.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--method", help="registered method (see --list-methods)")
+        prog="run_benchmark.py table" if table else "run_benchmark.py", description=TABLE_DOC if table else __doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    if table:
+        p.add_argument("--methods", nargs="+", required=True, metavar="METHOD",
+                       help="registered methods, in the table's order (see --list-methods)")
+        p.add_argument("--reference", help="the method the paired differences are taken against (default: the "
+                                           "first of --methods)")
+    else:
+        p.add_argument("--method", help="registered method (see --list-methods)")
     p.add_argument("--suite", help="suite name from benchmarks/suites/ or a suite .yaml path (see --list-suites)")
     p.add_argument("--orders", nargs="+", help="class orders to run (names: natural, seed1993, order1..3, seedN); "
                                                "default: the suite's")
@@ -69,14 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--max-failures", type=int, default=2, metavar="N",
                    help="restarts of a failed trial from its last finished task (Ray; default 2)")
     r.add_argument("--verbose", action="store_true", help="show Ray's own logs and progress output")
-    p.add_argument("--list-methods", action="store_true", help="list registered methods and exit")
-    p.add_argument("--list-suites", action="store_true", help="list suites and exit")
+    if not table:
+        p.add_argument("--list-methods", action="store_true", help="list registered methods and exit")
+        p.add_argument("--list-suites", action="store_true", help="list suites and exit")
     return p
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict:
-    from harness.config.compose import parse_overrides
-
     out = {"data_path": str(Path(args.data_path).resolve()) if args.data_path else None,
            "download": True if args.download else None, "batch_size": args.batch_size,
            "memory_size": args.memory_size, "num_workers": args.num_workers, "device": args.device,
@@ -140,56 +172,30 @@ def main(argv: list[str] | None = None) -> int:
             print("interrupted: run the same sweep command with --resume to continue it (finished trials are kept)",
                   file=sys.stderr)
             return 130
+    if argv and argv[0] == "table":     # several methods as one grid, the paper-style table
+        return table_main(argv[1:])
     if argv and argv[0] in ("report", "leaderboard"):   # leaderboard from any MLflow store (docs/TRACKING.md)
         from harness.tracking.report import main as report_main
 
         return report_main(argv[1:])
     args = build_parser().parse_args(argv)
-    from harness.config.compose import compose_config, list_suites
-    from harness.config.catalog import get_method, list_methods
-
     if args.list_methods:
         for name in list_methods():
             doc = (get_method(name).__doc__ or "").strip().splitlines()
             print(f"{name:12s} {doc[0] if doc else ''}")
         return 0
     if args.list_suites:
-        from harness.config.compose import load_suite
         for name in list_suites():
             print(f"{name:24s} {load_suite(name).get('description', '')}")
         return 0
     if not args.method or not args.suite:
         raise ConfigError("--method and --suite are required (see --list-methods, --list-suites)")
 
-    from harness.run.events import LaunchOptions, TrialEvents
-
-    from harness.run.launch import launch, resolve_threads
-    from harness.run.preflight import preflight
-    from harness.run.results import summary_markdown, summary_table
-    from harness.config.identity import expand_trials, fix_identity
-
-    # Pre-flight: every check of the input before anything is written (no output folder, MLflow store or Ray).
-    check_flags(args)
-    config, origins = compose_config(args.method, args.suite, args.options, overrides_from_args(args),
-                                     args.recipe)
-    if args.epochs is not None:
-        apply_epochs(config, args.epochs)
-        origins.update({k: "--epochs" for k in ("epochs", "base_epochs", "milestones", "base_milestones")})
-    output_dir = Path(args.output_dir).resolve()
-    config["output_dir"] = str(output_dir)
-    preflight(config, origins, output_dir=output_dir, launcher=args.launcher, address=args.address,
-              tracking_uri=args.tracking_uri, tracking=not args.no_tracking, experiment=args.experiment)
-    from harness.run.estimate import long_run_warning
-    if (warning := long_run_warning(config)) is not None:     # estimated > 1 hour on this machine's device
-        print(warning, file=sys.stderr)
+    config, output_dir = prepare_config(args, args.method)
     if args.launcher == "ray":   # on a cluster: join it, check shared folders and state API on every node
-        from harness.run.cluster import preflight_cluster
-
         preflight_cluster(args.address, output_dir, config.get("data_path"),
                           None if args.no_tracking else args.tracking_uri, bool(config.get("download")), args.verbose)
-    options = LaunchOptions(launcher=args.launcher, address=args.address,
-                            max_concurrent_trials=args.max_concurrent_trials, max_failures=args.max_failures,
-                            verbose=args.verbose)
+    options = launch_options(args)
     # What changes the numbers without being an option (the data read, threads per worker) joins the trial names.
     fix_identity(config, resolve_threads(config, options, len(config["orders"]) * len(config["seeds"])))
     specs = expand_trials(config)
@@ -197,33 +203,135 @@ def main(argv: list[str] | None = None) -> int:
           f"(orders {', '.join(s['order_name'] for s in specs[::len(config['seeds'])])}; seeds {config['seeds']}) "
           f"-> {output_dir}")
     with os_errors_as_one_line(output_dir):
-        tracker = None
-        if not args.no_tracking:    # the store was checked above; this creates it and the benchmark's parent run
-            from harness.tracking.trackers import BenchmarkTracker
-
-            tracker = BenchmarkTracker.for_benchmark(args.tracking_uri, output_dir, config, specs,
-                                                     experiment=args.experiment)
-        try:
-            results = launch(specs, output_dir, options, progress=not args.quiet and sys.stderr.isatty(),
-                             events=TrialEvents(print, tracker=tracker))
-        except BaseException:
-            if tracker is not None:
-                tracker.abort()       # the parent run ends KILLED/FAILED, not RUNNING forever; rerun resumes it
-            raise
+        trackers = open_trackers(args, output_dir, {args.method: (config, specs)})
+        results = launch_all(args, specs, output_dir, options, trackers)
         table = summary_table(results)
         output_dir.mkdir(parents=True, exist_ok=True)
         table.to_csv(output_dir / "summary.csv", index=False)
         (output_dir / "summary.md").write_text(summary_markdown(table) + "\n")
+        tracker = trackers.get(args.method)
         board = tracker.end_benchmark(results, specs) if tracker is not None else None
         print()
         if board is not None and not board.empty:
-            from harness.tracking.report import to_markdown as board_markdown, write_leaderboard
-
             csv_path, md_path = write_leaderboard(board, output_dir)
             print(board_markdown(board))
             print(f"\nwritten: {csv_path}, {md_path}, {output_dir / 'summary.csv'}; MLflow store: {tracker.uri}")
         else:
             print(summary_markdown(table))
+    return exit_status(results, output_dir)
+
+
+def table_main(argv: list[str]) -> int:
+    """`run_benchmark.py table`: several methods on one suite as ONE grid, and the paper-style table."""
+    args = build_parser(table=True).parse_args(argv)
+    check_flags(args)
+    methods = list(args.methods)
+    if len(set(methods)) != len(methods):
+        raise ConfigError(f"--methods lists a method twice: {' '.join(methods)}")
+    reference = args.reference or methods[0]
+    if reference not in methods:
+        raise ConfigError(f"--reference {reference} is not one of --methods ({' '.join(methods)}): add it to the list")
+    for m in methods:
+        get_method(m)                          # an unknown name: one line before anything else
+        check_suite_recipe(m, args.suite, args.recipe)
+    prepared = {m: prepare_config(args, m) for m in methods}     # every method checked before anything starts
+    output_dir = prepared[methods[0]][1]
+    grids = {m: (tuple(map(str, c["orders"])), tuple(c["seeds"])) for m, (c, _) in prepared.items()}
+    if len(set(grids.values())) > 1:
+        raise ConfigError("the methods would run different class orders or seeds (a recipe or --options file sets "
+                          "them): give --orders and --seeds so that every method runs the same trials")
+    first = prepared[methods[0]][0]
+    if args.launcher == "ray":
+        preflight_cluster(args.address, output_dir, first.get("data_path"),
+                          None if args.no_tracking else args.tracking_uri, bool(first.get("download")), args.verbose)
+    options = launch_options(args)
+    total = len(methods) * len(first["orders"]) * len(first["seeds"])
+    per_method = {}
+    for m, (config, _) in prepared.items():
+        fix_identity(config, resolve_threads(config, options, total))
+        per_method[m] = (config, expand_trials(config))
+    specs = [s for m in methods for s in per_method[m][1]]
+    print(f"{len(specs)} trial(s): {', '.join(methods)} on {first['suite']} (orders "
+          f"{', '.join(map(str, first['orders']))}; seeds {first['seeds']}) as one grid -> {output_dir}")
+    with os_errors_as_one_line(output_dir):
+        trackers = open_trackers(args, output_dir, per_method)
+        results = launch_all(args, specs, output_dir, options, trackers)
+        for m, tracker in trackers.items():
+            tracker.end_benchmark([r for r in results if r.get("method") == m], per_method[m][1])
+        table = comparison_table(results, methods, reference, load_published())
+        written = write_comparison(table, results, output_dir, name=f"table_{first['suite']}")
+        print()
+        print(comparison_markdown(table))
+        print(PAIRED_NOTE)
+        print(f"\nwritten: {', '.join(str(p) for p in written)}")
+    return exit_status(results, output_dir)
+
+
+def check_suite_recipe(method: str, suite: str, recipe: str | None) -> None:
+    """In a table every method runs the suite's budget: the recipe the suite names (e.g. `cpu`) must exist for
+    each method, instead of silently falling back to the method's full default recipe (an explicit --recipe
+    must exist anyway: compose_config says so)."""
+    suite_cfg = load_suite(suite)
+    wanted = suite_cfg.get("recipe")
+    if recipe is None and wanted and wanted != "default" and not (RECIPES_DIR / method / f"{wanted}.yaml").is_file():
+        raise ConfigError(f"{method} cannot run on suite {suite_cfg['name']}: it has no {wanted!r} recipe "
+                          f"(benchmarks/recipes/{method}/{wanted}.yaml); add one, or leave {method} out of --methods")
+
+
+def prepare_config(args: argparse.Namespace, method: str) -> tuple[dict, Path]:
+    """One method's options from the flags, checked (pre-flight) before anything is written."""
+    config, origins = compose_config(method, args.suite, args.options, overrides_from_args(args), args.recipe)
+    if args.epochs is not None:
+        apply_epochs(config, args.epochs)
+        origins.update({k: "--epochs" for k in ("epochs", "base_epochs", "milestones", "base_milestones")})
+    output_dir = Path(args.output_dir).resolve()
+    config["output_dir"] = str(output_dir)
+    preflight(config, origins, output_dir=output_dir, launcher=args.launcher, address=args.address,
+              tracking_uri=args.tracking_uri, tracking=not args.no_tracking, experiment=args.experiment)
+    if (warning := long_run_warning(config)) is not None:     # estimated > 1 hour on this machine's device
+        print(warning, file=sys.stderr)
+    return config, output_dir
+
+
+def launch_options(args: argparse.Namespace) -> LaunchOptions:
+    return LaunchOptions(launcher=args.launcher, address=args.address, max_concurrent_trials=args.max_concurrent_trials,
+                         max_failures=args.max_failures, verbose=args.verbose)
+
+
+def open_trackers(args: argparse.Namespace, output_dir: Path,
+                  per_method: dict[str, tuple[dict, list[dict]]]) -> dict[str, BenchmarkTracker]:
+    """One MLflow parent run per method (the store was checked in pre-flight; this creates it)."""
+    if args.no_tracking:
+        return {}
+    return {m: BenchmarkTracker.for_benchmark(args.tracking_uri, output_dir, config, specs, experiment=args.experiment)
+            for m, (config, specs) in per_method.items()}
+
+
+class MethodTrackers:
+    """TrialEvents' tracker for a grid of several methods: each trial goes to its method's parent run."""
+
+    def __init__(self, trackers: dict[str, BenchmarkTracker]) -> None:
+        self.trackers = trackers
+
+    def log_task(self, spec: dict, row: dict) -> None:
+        self.trackers[spec["config"]["method"]].log_task(spec, row)
+
+    def log_trial(self, spec: dict, result: dict) -> None:
+        self.trackers[spec["config"]["method"]].log_trial(spec, result)
+
+
+def launch_all(args: argparse.Namespace, specs: list[dict], output_dir: Path, options: LaunchOptions,
+               trackers: dict[str, BenchmarkTracker]) -> list[dict]:
+    try:
+        return launch(specs, output_dir, options, progress=not args.quiet and sys.stderr.isatty(),
+                      events=TrialEvents(print, tracker=MethodTrackers(trackers) if trackers else None))
+    except BaseException:
+        for tracker in trackers.values():
+            tracker.abort()       # the parent runs end KILLED/FAILED, not RUNNING forever; a rerun resumes them
+        raise
+
+
+def exit_status(results: list[dict], output_dir: Path) -> int:
     failed = [r for r in results if r.get("status") != "finished"]
     if failed:
         print(f"{len(failed)} trial(s) failed; see {output_dir}/trials/<name>/result.json", file=sys.stderr)
