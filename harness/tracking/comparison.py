@@ -79,7 +79,7 @@ def write_comparison(table: pd.DataFrame, results: list[dict], output_dir: str |
     out.mkdir(parents=True, exist_ok=True)
     csv_path, md_path, png_path = out / f"{name}.csv", out / f"{name}.md", out / f"{name}_curves.png"
     table.to_csv(csv_path, index=False)
-    md_path.write_text(comparison_markdown(table) + "\n" + PAIRED_NOTE + "\n")
+    md_path.write_text(comparison_markdown(table) + "\n\n" + PAIRED_NOTE + "\n")
     written = [csv_path, md_path]
     curves = plots.mean_accuracy_curves(results)
     if curves:
