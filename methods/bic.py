@@ -1,7 +1,6 @@
-"""BiC (Wu et al., "Large Scale Incremental Learning", CVPR 2019): parts.
-
-Building blocks only (no Method yet). Sources: the paper and PyCIL's models/bic.py, utils/inc_net.py
-(`BiasLayer_BIC`, `IncrementalNetWithBias`), utils/data_manager.py (`get_dataset_with_split`).
+"""BiC (Wu et al., "Large Scale Incremental Learning", CVPR 2019): its parts, then the registered method `bic`
+(class BiC). Sources: the paper and PyCIL's models/bic.py, utils/inc_net.py (`BiasLayer_BIC`,
+`IncrementalNetWithBias`), utils/data_manager.py (`get_dataset_with_split`), exps/bic.json.
 
 Two stages per incremental task:
 1. Train everything but the bias layers on (new data + memory) minus a held-out validation set
@@ -13,9 +12,18 @@ Two stages per incremental task:
 
 PyCIL keeps one bias layer per task, each on its own class range, all applied in order; earlier ones stay at
 their trained values and get lr 0 afterwards.
+
+The method: `hold_out` (the harness's hook, before the main phase) splits each incremental task's data + memory
+with `split_for_bias_correction`; the main phase (stage 1) trains on the rest; the trial then runs the
+BIAS_CORRECTION phase (stage 2, options `bias_correction_*`) on the held-out part. Stage 2 freezes everything but
+the newest bias layer, BatchNorm statistics included (the paper freezes the model; PyCIL's stage 2 runs the
+network in training mode, so its BatchNorm statistics move on the validation set). The first task has no old
+classes: no hold-out, no bias layer, plain cross-entropy. PyCIL's extra softmax in stage 2 is not replicated
+(the paper's loss is used). Head: `cnn` (the corrected logits).
 """
 from __future__ import annotations
 
+import copy
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -23,7 +31,12 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from harness.core.backbones import build_backbone
+from harness.core.method import PhaseConfig, PhaseKind, TaskInfo
+from harness.core.registry import register_method
+from harness.data.base import ArrayData
 from harness.errors import ConfigError
+from methods.common import IncrementalNet, IncrementalNetMethod
 from methods.losses import kd_loss
 
 
@@ -90,3 +103,106 @@ def split_for_bias_correction(memory_indices_by_class: Mapping[int, Sequence[int
         val.append(indices[held])
         train.append(indices[~held])
     return np.concatenate(train), np.concatenate(val)
+
+
+# ---- the method ------------------------------------------------------------------------------------------------
+class BiasCorrectedNet(IncrementalNet):
+    """An IncrementalNet whose logits go through one BiasLayer per incremental task, in order (PyCIL's
+    IncrementalNetWithBias). Bias layers train only in their own task's bias-correction stage (`set_stage`)."""
+
+    def __init__(self, backbone: nn.Module) -> None:
+        super().__init__(backbone)
+        self.bias_layers = nn.ModuleList()
+        self.correcting = False                  # stage 2: everything but the newest bias layer frozen
+
+    def add_bias_layer(self, start: int, stop: int) -> None:
+        self.bias_layers.append(BiasLayer(start, stop).to(next(self.backbone.parameters()).device))
+        self.bias_layers.requires_grad_(False)
+
+    def set_stage(self, correcting: bool) -> None:
+        """Stage 2 (True): only the newest bias layer trains, the backbone's BatchNorm stays in eval mode.
+        Stage 1 (False): the backbone and the classifier train, every bias layer is frozen."""
+        self.correcting = correcting
+        self.backbone.requires_grad_(not correcting)
+        self.fc.requires_grad_(not correcting)
+        self.bias_layers.requires_grad_(False)
+        if correcting:
+            self.bias_layers[-1].requires_grad_(True)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> "BiasCorrectedNet":
+        super().train(mode)
+        if self.correcting:
+            self.backbone.train(False)
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = super().forward(x)
+        for layer in self.bias_layers:
+            logits = layer(logits)
+        return logits
+
+
+@register_method("bic")
+class BiC(IncrementalNetMethod):
+    """BiC: stage 1 balanced KD + CE on the data minus a class-balanced validation split, stage 2 bias
+    correction of the newest classes' logits on that split."""
+
+    requires_memory = True                          # the validation split holds old classes' exemplars out
+    held_out_phase = PhaseKind.BIAS_CORRECTION      # options bias_correction_*
+
+    def build(self) -> None:
+        c = self.config
+        self.val_ratio = float(c["bic_val_ratio"])
+        if not 0 < self.val_ratio < 1:
+            raise ConfigError(f"bic_val_ratio must be in (0, 1), got {c['bic_val_ratio']!r}")
+        backbone = build_backbone(c["backbone"], c.get("backbone_width"), c.get("resnet_shortcut"))
+        self.model = BiasCorrectedNet(backbone).to(self.device)
+        self.temperature = float(c["kd_temperature"])
+        self.teacher: BiasCorrectedNet | None = None
+
+    # ---- growth --------------------------------------------------------------------------------
+    def before_task(self, task: TaskInfo) -> None:
+        # The previous model with its bias layers (PyCIL's old network), frozen; taken here so that a resumed
+        # trial, which loads the weights before the next before_task, distils from the right one.
+        self.teacher = copy.deepcopy(self.model).eval().requires_grad_(False) if task.task_id > 0 else None
+        self.model.add_classes(task.num_new_classes)
+        if task.task_id > 0:
+            self.model.add_bias_layer(task.num_old_classes, task.num_seen_classes)
+
+    def after_task(self, task: TaskInfo) -> None:
+        self.teacher = None            # stage 2 does not distil; not needed until the next before_task
+
+    def hold_out(self, data: ArrayData, task: TaskInfo) -> tuple[ArrayData, ArrayData | None]:
+        """`bias_val_per_class` samples of every class out of the task's data (new classes) and the memory (old
+        ones), drawn with the trial's seed and the task id; none in the first task."""
+        if task.task_id == 0:
+            return data, None
+        budget = self.config.get("memory_per_class")
+        total = int(budget) * task.num_old_classes if budget else int(self.config["memory_size"])
+        per_class = bias_val_per_class(total, task.num_old_classes, self.val_ratio)
+        by_class = {int(c): np.flatnonzero(data.y == c) for c in np.unique(data.y)}
+        old = {c: idx for c, idx in by_class.items() if c < task.num_old_classes}
+        new = {c: idx for c, idx in by_class.items() if c >= task.num_old_classes}
+        seed = int(self.config.get("seed", 0)) * 1000 + task.task_id       # as the trial's per-task seed
+        train, val = split_for_bias_correction(old, new, per_class, seed)
+        return data.subset(np.sort(train)), data.subset(np.sort(val))
+
+    # ---- stage 2 -------------------------------------------------------------------------------
+    def before_phase(self, phase: PhaseConfig, task: TaskInfo) -> None:
+        if phase.kind is PhaseKind.BIAS_CORRECTION:
+            self.model.set_stage(correcting=True)
+
+    def after_phase(self, phase: PhaseConfig, task: TaskInfo) -> None:
+        if phase.kind is PhaseKind.BIAS_CORRECTION:
+            self.model.set_stage(correcting=False)      # back to the state before_task left
+
+    # ---- training ------------------------------------------------------------------------------
+    def training_step(self, batch, task: TaskInfo, phase: PhaseConfig) -> torch.Tensor:
+        x, y = batch
+        logits = self.net(x)
+        if phase.kind is PhaseKind.BIAS_CORRECTION or self.teacher is None:
+            return F.cross_entropy(logits, y)           # stage 2: the paper's loss on the corrected logits
+        with torch.no_grad():
+            old_logits = self.teacher(x)
+        return balanced_kd_loss(logits, y, old_logits, self.temperature)

@@ -155,7 +155,7 @@ def test_the_main_phase_always_shuffles() -> None:
 # ---- the loader seed hashes the phase kind's string: the kinds keep the strings phases were named by --------------
 def test_phase_kinds_hash_like_the_strings_they_replace() -> None:
     old_names = {PhaseKind.TRAIN: "train", PhaseKind.FINETUNE: "finetune", PhaseKind.DECOUPLE: "decouple"}
-    assert set(old_names) == set(PhaseKind)
+    assert set(old_names) <= set(PhaseKind)         # kinds added since (BIAS_CORRECTION) have new strings
     for kind, old in old_names.items():
         assert zlib.crc32(kind.value.encode()) == zlib.crc32(old.encode())
         assert f"{kind}" == old                     # progress bars and heartbeats print the same name
@@ -170,7 +170,7 @@ DRAWN_BEFORE_KINDS = {
 }
 
 
-@pytest.mark.parametrize("kind", list(PhaseKind))
+@pytest.mark.parametrize("kind", list(DRAWN_BEFORE_KINDS))
 def test_each_phase_kind_draws_the_batches_it_drew_before(kind: PhaseKind) -> None:
     method = _RecordingMethod()
     method.model = torch.nn.Linear(4, 12)

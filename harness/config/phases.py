@@ -3,9 +3,11 @@
 - the main phase: DyTox's naming, `base_epochs` / `lr` / ... for the first task, `epochs` / `incremental_lr` / ...
   for the others;
 - the balanced-memory phase a method declares (`Method.balanced_phase`), from its own group of recipe keys
-  (BALANCED_KEYS). The method's `finetune_phase(task, phase)` then says whether it runs after a given task.
+  (BALANCED_KEYS). The method's `finetune_phase(task, phase)` then says whether it runs after a given task;
+- likewise the phase on held-out data a method declares (`Method.held_out_phase`: BiC's bias correction, on a
+  class-balanced split that `Method.hold_out` kept out of the main phase).
 
-Both scale the lr linearly by `batch / lr_reference_batch` when that is set (the batch is GLOBAL).
+Each scales the lr linearly by `batch / lr_reference_batch` when that is set (the batch is GLOBAL).
 """
 from __future__ import annotations
 
@@ -58,12 +60,13 @@ class BalancedKeys:
 BALANCED_KEYS: dict[PhaseKind, BalancedKeys] = {
     PhaseKind.FINETUNE: BalancedKeys("finetuning", switch="finetuning"),          # DyTox's main.py
     PhaseKind.DECOUPLE: BalancedKeys("decouple", opt="sgd", sched="multistep"),   # DER's official code
+    PhaseKind.BIAS_CORRECTION: BalancedKeys("bias_correction", opt="sgd", sched="multistep"),   # BiC (PyCIL)
 }
 
 
 def balanced_phase(config: dict, kind: PhaseKind | None) -> PhaseConfig | None:
-    """The balanced-memory phase of kind `kind` (a method's `balanced_phase`), or None when the method has none
-    or the options turn it off."""
+    """The phase of kind `kind` (a method's `balanced_phase` or `held_out_phase`), or None when the method has
+    none or the options turn it off."""
     if kind is None:
         return None
     keys = BALANCED_KEYS[kind]

@@ -41,10 +41,11 @@ class PhaseKind(StrEnum):
     TRAIN = "train"            # the task's data, plus the rehearsal memory when there is one
     FINETUNE = "finetune"      # the balanced memory only (DyTox's finetuning)
     DECOUPLE = "decouple"      # the balanced memory only, classifier re-training (DER's decouple stage)
+    BIAS_CORRECTION = "bias_correction"   # what `Method.hold_out` kept out of the main phase (BiC's second stage)
 
     @property
     def on_memory(self) -> bool:
-        return self is not PhaseKind.TRAIN
+        return self not in (PhaseKind.TRAIN, PhaseKind.BIAS_CORRECTION)
 
 
 @dataclass(frozen=True)
@@ -123,6 +124,9 @@ class Method:
     # A phase on the balanced memory after the main phase (its options: harness.config.phases); a method that
     # declares one needs a memory while the phase is on.
     balanced_phase: ClassVar[PhaseKind | None] = None
+    # A phase on the data `hold_out` keeps out of the main phase, run after it (its options: harness.config.phases);
+    # `hold_out` is only called when the method declares one and its options turn it on.
+    held_out_phase: ClassVar[PhaseKind | None] = None
     # Options of the method's original code: key -> harness key (None: accepted and ignored), and key -> a
     # function mapping its value to ours (raises ConfigError for values not implemented). Read while composing.
     option_aliases: ClassVar[Mapping[str, str | None]] = {}
@@ -158,6 +162,14 @@ class Method:
         """The balanced-memory phase to run after `task`'s main phase: `phase` as the options define it, a changed
         copy, or None to skip it. Default: skipped after the first task, whose memory holds one task's classes."""
         return None if task.task_id == 0 else phase
+
+    def hold_out(self, data: ArrayData, task: TaskInfo) -> tuple[ArrayData, ArrayData | None]:
+        """(what the main phase trains on, what it must not see) out of `data`, the main phase's data (the
+        task's plus the memory's), before the main phase; the second part (None: nothing this task) is what the
+        `held_out_phase` trains on after the main phase. Never the test split. Must only depend on `data`, `task`
+        and the options (the trial's seed is `config["seed"]`): a resumed trial recomputes it. Default: nothing
+        held out."""
+        return data, None
 
     # ---- training ----------------------------------------------------------------------------
     def parameters_to_optimize(self, phase: PhaseConfig) -> Iterable[nn.Parameter]:

@@ -177,6 +177,7 @@ def run_trial(spec: dict, ctx: RuntimeContext) -> dict:
                                  placement=config.get("memory_mode") or "global",
                                  shards=config.get("memory_shards") or 2)
     balanced = balanced_phase(config, method.balanced_phase)     # the same after every task
+    held_out_phase = balanced_phase(config, method.held_out_phase)
     # `herding_transform: train` replays the original DyTox: exemplar features of augmented images.
     herding_tf = build_transform(info, train=True, options=config) if config.get("herding_transform") == "train" \
         else None
@@ -211,6 +212,9 @@ def run_trial(spec: dict, ctx: RuntimeContext) -> dict:
                 data = _concat(data, scenario.train_task(past))
         else:
             data = _concat(new_data, method.tools.memory_data())
+        held_out = None
+        if held_out_phase is not None:       # e.g. BiC's validation split, for its bias correction
+            data, held_out = method.hold_out(data, task)
         stats = train_phase(method, TaskDataset(data, train_tf), main_phase(config, t), task, ctx, seed,
                             **loop_options)
 
@@ -223,6 +227,8 @@ def run_trial(spec: dict, ctx: RuntimeContext) -> dict:
         if ft_phase is not None and method.tools.memory_data() is not None:
             train_phase(method, TaskDataset(method.tools.memory_data(), train_tf), ft_phase, task, ctx, seed,
                         **loop_options)
+        if held_out is not None:
+            train_phase(method, TaskDataset(held_out, train_tf), held_out_phase, task, ctx, seed, **loop_options)
 
         test_data, task_ids = scenario.test_upto(t)
         outputs = predict(method.predict, method.model, TaskDataset(test_data, test_tf), test_data.y, ctx,
