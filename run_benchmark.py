@@ -191,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.method or not args.suite:
         raise ConfigError("--method and --suite are required (see --list-methods, --list-suites)")
 
+    # Pre-flight: every check of the input before anything is written (no output folder, MLflow store or Ray).
+    check_flags(args)
     config, output_dir = prepare_config(args, args.method)
     if args.launcher == "ray":   # on a cluster: join it, check shared folders and state API on every node
         preflight_cluster(args.address, output_dir, config.get("data_path"),

@@ -54,3 +54,22 @@ class IncrementalNetMethod(Method):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.features(x)
+
+
+class ClassMeansState:
+    """Mixin (before the Method base) for methods with an NME head: `class_means` (seen classes, D) of the
+    exemplars' L2-normalised features and `class_valid` (which classes have exemplars), kept in checkpoints."""
+
+    class_means: torch.Tensor | None = None
+    class_valid: torch.Tensor | None = None
+
+    def extra_state(self) -> dict:
+        if self.class_means is None:
+            return {}
+        return {"class_means": self.class_means.detach().cpu().clone(),
+                "class_valid": self.class_valid.detach().cpu().clone()}
+
+    def load_extra_state(self, state: dict) -> None:
+        if "class_means" in state:
+            self.class_means = state["class_means"].to(self.device)
+            self.class_valid = state["class_valid"].to(self.device, torch.bool)

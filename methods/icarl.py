@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from harness.errors import ConfigError
 from harness.core.method import PhaseConfig, TaskInfo
 from harness.core.registry import register_method
-from methods.common import IncrementalNetMethod
+from methods.common import ClassMeansState, IncrementalNetMethod
 from methods.losses import icarl_bce_loss, icarl_kd_loss
 
 LOSSES = ("bce", "kd")
@@ -53,7 +53,7 @@ def nme_scores(features: torch.Tensor, means: torch.Tensor, valid: torch.Tensor)
 
 
 @register_method("icarl")
-class ICaRL(IncrementalNetMethod):
+class ICaRL(ClassMeansState, IncrementalNetMethod):
     """iCaRL on a growing IncrementalNet; `predict` returns {"nme": -distances, "cnn": logits}."""
 
     requires_memory = True          # the NME classifier's class means are the exemplars'
@@ -131,15 +131,3 @@ class ICaRL(IncrementalNetMethod):
             pad = torch.full((nme.shape[0], logits.shape[1] - nme.shape[1]), float("-inf"), device=nme.device)
             nme = torch.cat([nme, pad], dim=1)
         return {"nme": nme, "cnn": logits}
-
-    # ---- checkpointing -------------------------------------------------------------------------
-    def extra_state(self) -> dict:
-        if self.class_means is None:
-            return {}
-        return {"class_means": self.class_means.detach().cpu().clone(),
-                "class_valid": self.class_valid.detach().cpu().clone()}
-
-    def load_extra_state(self, state: dict) -> None:
-        if "class_means" in state:
-            self.class_means = state["class_means"].to(self.device)
-            self.class_valid = state["class_valid"].to(self.device, torch.bool)

@@ -43,6 +43,7 @@ from harness.core.backbones import CifarResNet, ImageNetResNet18, TinyCNN, build
 from harness.core.method import Method, PhaseConfig, PhaseKind, TaskInfo
 from harness.core.registry import register_method
 from harness.errors import ConfigError
+from methods.common import ClassMeansState
 from methods.icarl import class_means, nme_scores
 
 
@@ -224,7 +225,7 @@ class PODNetNet(nn.Module):
 
 
 @register_method("podnet")
-class PODNet(Method):
+class PODNet(ClassMeansState, Method):
     """PODNet-CNN: POD-spatial + POD-flat distillation, LSC classifier with NCA, balanced classifier finetuning."""
 
     requires_memory = True                  # rehearsal, the balanced finetuning and the NME head need exemplars
@@ -330,14 +331,3 @@ class PODNet(Method):
             self._unit_features = False
         self.class_means, self.class_valid = class_means(feats, torch.as_tensor(data.y), num_classes)
 
-    # ---- checkpointing -------------------------------------------------------------------------
-    def extra_state(self) -> dict:
-        if self.class_means is None:
-            return {}
-        return {"class_means": self.class_means.detach().cpu().clone(),
-                "class_valid": self.class_valid.detach().cpu().clone()}
-
-    def load_extra_state(self, state: dict) -> None:
-        if "class_means" in state:
-            self.class_means = state["class_means"].to(self.device)
-            self.class_valid = state["class_valid"].to(self.device, torch.bool)

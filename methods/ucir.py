@@ -44,6 +44,7 @@ from harness.core.backbones import CifarResNet, ImageNetResNet18, TinyCNN, build
 from harness.core.method import Method, PhaseConfig, PhaseKind, TaskInfo
 from harness.core.registry import register_method
 from harness.errors import ConfigError
+from methods.common import ClassMeansState
 from methods.icarl import class_means, nme_scores
 
 HEADS = ("cnn", "nme")
@@ -217,7 +218,7 @@ class UCIRNet(nn.Module):
 
 # ---- the method ------------------------------------------------------------------------------------------------
 @register_method("ucir")
-class UCIR(Method):
+class UCIR(ClassMeansState, Method):
     """UCIR: cosine classifier, less-forget distillation, margin ranking, imprinting, class-balanced finetuning
     (the FINETUNE phase on the memory, `finetuning_*` options); heads `cnn` and `nme`, `main_head` first."""
 
@@ -321,14 +322,3 @@ class UCIR(Method):
         main = self.config["main_head"]
         return {main: heads[main], **{k: v for k, v in heads.items() if k != main}}
 
-    # ---- checkpointing -------------------------------------------------------------------------
-    def extra_state(self) -> dict:
-        if self.class_means is None:
-            return {}
-        return {"class_means": self.class_means.detach().cpu().clone(),
-                "class_valid": self.class_valid.detach().cpu().clone()}
-
-    def load_extra_state(self, state: dict) -> None:
-        if "class_means" in state:
-            self.class_means = state["class_means"].to(self.device)
-            self.class_valid = state["class_valid"].to(self.device, torch.bool)
