@@ -298,3 +298,127 @@ def test_decouple_needs_a_memory_only_while_it_is_on():
     with pytest.raises(ConfigError, match=r"der's decouple phase trains on the rehearsal memory: .*decouple_epochs: 0"):
         _digits(memory_size=0)                                  # digits-5x2's cpu recipe: decouple_epochs 15
     assert resolve_config("der", "digits-5x2", overrides={"memory_size": 0, "decouple_epochs": 0})["memory_size"] == 0
+
+
+# ---- pruning (der_pruning): channel gates, sparsity loss, binary masks after the task -----------------------
+def test_mask_scale_anneals_from_one_over_smax_to_smax_over_an_epoch():
+    from methods.der import mask_scale
+    scales = [mask_scale(b, 5, 400.0) for b in range(5)]
+    assert scales[0] == pytest.approx(1 / 400) and scales[-1] == pytest.approx(400.0)
+    assert scales[2] == pytest.approx((1 / 400 + 400) / 2)
+    assert all(a < b for a, b in zip(scales, scales[1:]))
+    assert mask_scale(0, 1, 400.0) == 400.0                      # one batch per epoch: the gate is already sharp
+
+
+def test_sparsity_loss_by_hand_on_a_tiny_extractor():
+    from methods.der import ChannelMasks
+    body = torch.nn.Sequential(torch.nn.Conv2d(3, 2, 3), torch.nn.BatchNorm2d(2), torch.nn.ReLU(),
+                               torch.nn.Conv2d(2, 4, 1), torch.nn.BatchNorm2d(4))
+    masks = ChannelMasks(body, s_max=4.0)
+    with torch.no_grad():
+        masks.embeddings[0].copy_(torch.tensor([0.0, 1.0]))
+        masks.embeddings[1].copy_(torch.tensor([0.0, -1.0, 2.0, 0.5]))
+    masks.eval()                                                 # eval: the gates at s_max = 4
+    m1 = torch.sigmoid(4 * torch.tensor([0.0, 1.0]))
+    m2 = torch.sigmoid(4 * torch.tensor([0.0, -1.0, 2.0, 0.5]))
+    # layer 1: 3x3 kernel, input = the image's 3 channels; layer 2: 1x1 kernel, input = layer 1's gated channels
+    expected = (9 * 3 * m1.sum() + 1 * m1.sum() * m2.sum()) / (9 * 3 * 2 + 1 * 2 * 4)
+    assert masks.sparsity_loss().item() == pytest.approx(expected.item(), rel=1e-6)
+    out = body(torch.randn(2, 3, 5, 5))                          # the gate multiplies the BatchNorm's output
+    body.eval()
+    masks.prune(threshold=0.5)
+    assert masks.keep(1).tolist() == [0.0, 0.0, 1.0, 1.0]       # sigmoid(0) = 0.5 is not above the threshold
+    assert out.shape == (2, 4, 3, 3)
+
+
+def _pruned_der(**kw) -> DER:
+    return _der(der_pruning=True, der_prune_smax=400.0, der_sparsity_lambda=1.0, der_prune_threshold=0.5, **kw)
+
+
+def test_gates_train_only_on_the_new_extractor():
+    method = _pruned_der()
+    method.before_task(_task(0))
+    method.after_phase(PhaseConfig(), _task(0))                  # end of task 0's main phase: extractor 0 pruned
+    method.before_task(_task(1))
+    net = method.model
+    net.train()
+    method.net = net
+    x, y = torch.randn(8, 3, 8, 8), torch.tensor([0, 1, 2, 3, 2, 3, 0, 2])
+    method.training_step((x, y), _task(1), PhaseConfig()).backward()
+    assert net.masks[1].embeddings[0].grad is not None and bool(net.masks[0].pruned)
+    assert all(e.grad is None and not e.requires_grad for e in net.masks[0].embeddings)
+    assert all(p.grad is None for p in net.extractors[0].parameters())
+    params = {id(p) for p in method.parameters_to_optimize(PhaseConfig())}
+    assert all(id(e) in params for e in net.masks[1].embeddings)
+    assert not any(id(e) in params for e in net.masks[0].embeddings)
+
+
+def test_pruned_channels_output_zero_and_the_parameter_count_drops():
+    method = _pruned_der()
+    method.before_task(_task(0))
+    full = method.parameter_count()
+    net = method.model
+    with torch.no_grad():                                        # close 1 of 4 channels, then 3 of 8
+        net.masks[0].embeddings[0].copy_(torch.tensor([1.0, -1.0, 1.0, 1.0]))
+        net.masks[0].embeddings[1].copy_(torch.tensor([-1.0, 1.0, -1.0, 1.0, 1.0, 1.0, -1.0, 1.0]))
+    method.after_phase(PhaseConfig(), _task(0))
+    seen = {}
+    bn2 = net.extractors[0].body[5]
+    bn2.register_forward_hook(lambda m, a, out: seen.update(bn2=out))
+    net.eval()
+    feats = net.features(torch.randn(4, 3, 8, 8) * 2 + 1)
+    assert torch.all(seen["bn2"][:, [0, 2]] == 0) and torch.all(feats[:, [0, 2]] == 0)
+    assert seen["bn2"][:, 1].abs().sum() > 0
+    # conv1 channel: 3*3*3 kernel + bias + BN weight and bias; conv2 channel: 4*3*3 kernel + bias + BN pair
+    assert full - method.parameter_count() == 1 * (27 + 1 + 2) + 3 * (36 + 1 + 2)
+    method.before_task(_task(1))                                 # and it stays so
+    assert method.model.masks[0].keep(1).tolist() == [0.0, 1.0, 0.0, 1.0, 1.0, 1.0, 0.0, 1.0]
+    net = method.model                                           # the new extractor is not pruned yet: full
+    extractors = sum(p.numel() for p in net.extractors.parameters())
+    assert method.parameter_count() == extractors - 147 + sum(p.numel() for p in net.fc.parameters())
+
+
+def test_pruning_off_registers_no_gates():
+    method = _der()
+    method.before_task(_task(0))
+    assert len(method.model.masks) == 0
+    assert all(not m._forward_hooks for m in method.model.extractors[0].modules())
+
+
+def test_pruned_der_state_survives_a_regrown_model():
+    method = _pruned_der()
+    for t in range(3):
+        method.before_task(_task(t))
+        with torch.no_grad():
+            method.model.masks[t].embeddings[1][: t + 1] = -1.0
+        method.after_phase(PhaseConfig(), _task(t))
+        method.after_task(_task(t))
+    buf = io.BytesIO()
+    torch.save(method.state_dict(), buf)
+    buf.seek(0)
+    other = _pruned_der()
+    for t in range(3):
+        other.before_task(_task(t))
+    other.load_state_dict(torch.load(buf, weights_only=True))
+    assert all(bool(m.pruned) for m in other.model.masks)
+    assert other.parameter_count() == method.parameter_count()
+    x = torch.randn(4, 3, 8, 8)
+    method.model.eval(), other.model.eval()
+    assert torch.equal(method.predict(x)["cnn"], other.predict(x)["cnn"])
+
+
+def test_pruned_der_runs_on_real_digits(tmp_path):
+    from harness.run.local import run_local
+    from harness.config.identity import expand_trials
+    cfg = _digits(der_pruning=True, der_prune_smax=5.0, der_sparsity_lambda=3.0, epochs=2, base_epochs=2,
+                  decouple_epochs=2)
+    (result,) = run_local(expand_trials(cfg), tmp_path, log=lambda s: None, progress=False)
+    assert result["status"] == "finished", result.get("error")
+    cnn = result["metrics"]["cnn"]
+    assert cnn["accuracies"][0] > 80 and cnn["last_accuracy"] > 25          # chance: 10
+    unpruned = DER(cfg | {"der_pruning": False}, torch.device("cpu"))        # the same model grown, no gates
+    unpruned.build()
+    for t in range(5):
+        unpruned.before_task(TaskInfo(task_id=t, num_tasks=5, new_classes=(2 * t, 2 * t + 1),
+                                      num_old_classes=2 * t, num_total_classes=10))
+    assert result["history"][-1]["parameters"] < unpruned.parameter_count()   # channels were pruned
