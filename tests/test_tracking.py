@@ -415,12 +415,10 @@ def test_tracking_failure_mid_benchmark_warns_and_goes_on(sqlite_bench, monkeypa
                                old.name, log=lines.append)
     events = TrialEvents(lambda _: None, tracker=tracker)
     spec, result = sqlite_bench["specs"][0], sqlite_bench["results"][0]
-    start = time.perf_counter()
     for row in result["history"]:
         events.task_finished(spec, row)
     events.trial_finished(spec, result)
     assert tracker.end_benchmark([result], [spec]) is None
-    assert time.perf_counter() - start < 20
     warnings = [line for line in lines if line.startswith("warning: MLflow logging")]
     assert len(warnings) == 2 and "paused" in warnings[0]     # once live, once more at the end: not per task
 
@@ -474,7 +472,6 @@ def test_round_trip_over_http(mlflow_server, tmp_path):
     from harness.tracking.report import leaderboard
 
     uri, root = mlflow_server
-    start = time.perf_counter()
     bench = run_benchmark_logging(uri, tmp_path / "out")
     tracker, specs = bench["tracker"], bench["specs"]
     assert tracker.uri == uri and not (tmp_path / "out" / "mlflow.db").exists()   # nothing local
@@ -496,4 +493,3 @@ def test_round_trip_over_http(mlflow_server, tmp_path):
     row = table.iloc[0]
     assert (row["finished"], row["failed"]) == (2, 1)
     assert row["avg_inc_acc_mean"] == pytest.approx(72.4)
-    assert time.perf_counter() - start < 60
