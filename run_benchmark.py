@@ -16,25 +16,24 @@ import argparse
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
 from harness.errors import ConfigError, HarnessError, ResourceError  # noqa: E402
+# Cheap to import: what every command, --help and a bad input's one error line need. Torch, pandas, MLflow and Ray
+# (the launchers, trackers and tables) are imported by the commands that use them, so that `--list-suites`,
+# `report --help` or a typo answer in well under a second.
 from harness.config.catalog import get_method, list_methods  # noqa: E402
 from harness.config.compose import (RECIPES_DIR, compose_config, list_suites, load_suite,  # noqa: E402
                                      parse_overrides)
-from harness.config.identity import expand_trials, fix_identity  # noqa: E402
 from harness.run.cluster import preflight_cluster  # noqa: E402
-from harness.run.estimate import long_run_warning  # noqa: E402
-from harness.run.events import LaunchOptions, TrialEvents  # noqa: E402
-from harness.run.launch import launch, resolve_threads  # noqa: E402
 from harness.run.preflight import OneLineParser, preflight  # noqa: E402
-from harness.run.results import summary_markdown, summary_table  # noqa: E402
-from harness.tracking.comparison import PAIRED_NOTE, comparison_markdown, comparison_table, write_comparison  # noqa: E402
-from harness.tracking.report import load_published, to_markdown as board_markdown, write_leaderboard  # noqa: E402
-from harness.tracking.trackers import BenchmarkTracker  # noqa: E402
+
+if TYPE_CHECKING:
+    from harness.run.events import LaunchOptions
+    from harness.tracking.trackers import BenchmarkTracker
 
 TABLE_DOC = """The paper-style comparison of several methods on one suite, as ONE grid of trials.
 
@@ -191,6 +190,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.method or not args.suite:
         raise ConfigError("--method and --suite are required (see --list-methods, --list-suites)")
 
+    from harness.config.identity import expand_trials, fix_identity
+    from harness.run.launch import resolve_threads
+    from harness.run.results import summary_markdown, summary_table
+    from harness.tracking.report import to_markdown as board_markdown, write_leaderboard
+
     # Pre-flight: every check of the input before anything is written (no output folder, MLflow store or Ray).
     check_flags(args)
     config, output_dir = prepare_config(args, args.method)
@@ -226,6 +230,11 @@ def main(argv: list[str] | None = None) -> int:
 def table_main(argv: list[str]) -> int:
     """`run_benchmark.py table`: several methods on one suite as ONE grid, and the paper-style table."""
     args = build_parser(table=True).parse_args(argv)
+    from harness.config.identity import expand_trials, fix_identity
+    from harness.run.launch import resolve_threads
+    from harness.tracking.comparison import PAIRED_NOTE, comparison_markdown, comparison_table, write_comparison
+    from harness.tracking.report import load_published
+
     check_flags(args)
     methods = list(args.methods)
     if len(set(methods)) != len(methods):
@@ -290,12 +299,16 @@ def prepare_config(args: argparse.Namespace, method: str) -> tuple[dict, Path]:
     config["output_dir"] = str(output_dir)
     preflight(config, origins, output_dir=output_dir, launcher=args.launcher, address=args.address,
               tracking_uri=args.tracking_uri, tracking=not args.no_tracking, experiment=args.experiment)
+    from harness.run.estimate import long_run_warning
+
     if (warning := long_run_warning(config)) is not None:     # estimated > 1 hour on this machine's device
         print(warning, file=sys.stderr)
     return config, output_dir
 
 
 def launch_options(args: argparse.Namespace) -> LaunchOptions:
+    from harness.run.events import LaunchOptions
+
     return LaunchOptions(launcher=args.launcher, address=args.address, max_concurrent_trials=args.max_concurrent_trials,
                          max_failures=args.max_failures, verbose=args.verbose)
 
@@ -305,6 +318,8 @@ def open_trackers(args: argparse.Namespace, output_dir: Path,
     """One MLflow parent run per method (the store was checked in pre-flight; this creates it)."""
     if args.no_tracking:
         return {}
+    from harness.tracking.trackers import BenchmarkTracker
+
     return {m: BenchmarkTracker.for_benchmark(args.tracking_uri, output_dir, config, specs, experiment=args.experiment)
             for m, (config, specs) in per_method.items()}
 
@@ -324,6 +339,9 @@ class MethodTrackers:
 
 def launch_all(args: argparse.Namespace, specs: list[dict], output_dir: Path, options: LaunchOptions,
                trackers: dict[str, BenchmarkTracker]) -> list[dict]:
+    from harness.run.events import TrialEvents
+    from harness.run.launch import launch
+
     try:
         return launch(specs, output_dir, options, progress=not args.quiet and sys.stderr.isatty(),
                       events=TrialEvents(print, tracker=MethodTrackers(trackers) if trackers else None))
