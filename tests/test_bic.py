@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils.data import TensorDataset
 
 from harness.config.compose import RECIPES_DIR, defaults, load_yaml
 from harness.core.loop import train_phase
@@ -15,6 +14,7 @@ from harness.core.runtime import RuntimeContext
 from harness.data import ArrayData
 from harness.errors import ConfigError
 from methods.bic import BiC, balanced_kd_loss
+from toy_data import toy_data  # noqa: E402
 
 
 def _task(t: int, per_task: int = 2, tasks: int = 3) -> TaskInfo:
@@ -35,12 +35,6 @@ def _bic(torch_seed: int = 0, **kw) -> BiC:
     method = BiC(_config(**kw), torch.device("cpu"))
     method.build()
     return method
-
-
-def _toy_data(n: int, classes: int) -> TensorDataset:
-    g = torch.Generator().manual_seed(1)
-    y = torch.arange(n) % classes
-    return TensorDataset(torch.randn(n, 3, 8, 8, generator=g) + y[:, None, None, None].float(), y)
 
 
 # ---- model and losses ---------------------------------------------------------------------------------------------
@@ -89,7 +83,7 @@ def test_stage_1_trains_everything_but_the_bias_layers_through_the_real_loop():
         method.before_task(_task(t))
     bias = {k: v.clone() for k, v in method.model.bias_layers.state_dict().items()}
     conv = method.model.backbone.body[0].weight.detach().clone()
-    train_phase(method, _toy_data(32, 4), PhaseConfig(epochs=2, batch_size=8, lr=0.1, sched="constant"), _task(1),
+    train_phase(method, toy_data(32, 4), PhaseConfig(epochs=2, batch_size=8, lr=0.1, sched="constant"), _task(1),
                 RuntimeContext(progress=False), seed=0)
     for k, v in method.model.bias_layers.state_dict().items():
         assert torch.equal(v, bias[k]), k
@@ -105,7 +99,7 @@ def test_stage_2_trains_only_the_newest_bias_layer_bit_for_bit():
         method.model.bias_layers[0].beta.fill_(-0.2)
     before = {k: v.clone() for k, v in method.model.state_dict().items()}
     phase = PhaseConfig(kind=PhaseKind.BIAS_CORRECTION, epochs=3, batch_size=8, lr=0.1, sched="constant")
-    train_phase(method, _toy_data(24, 6), phase, _task(2), RuntimeContext(progress=False), seed=0)
+    train_phase(method, toy_data(24, 6), phase, _task(2), RuntimeContext(progress=False), seed=0)
     changed = {k for k, v in method.model.state_dict().items() if not torch.equal(v, before[k])}
     # weights, the BatchNorm statistics and the older bias layer unchanged
     assert changed == {"bias_layers.1.alpha", "bias_layers.1.beta"}

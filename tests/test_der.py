@@ -3,7 +3,6 @@ import io
 
 import pytest
 import torch
-from torch.utils.data import TensorDataset
 
 from harness.config.phases import balanced_phase
 from harness.core.backbones import build_backbone
@@ -11,6 +10,7 @@ from harness.core.loop import train_phase
 from harness.core.method import PhaseConfig, PhaseKind, TaskInfo
 from harness.core.runtime import RuntimeContext
 from methods.der import DER, DERNet, aux_targets
+from toy_data import toy_data  # noqa: E402
 
 
 def _task(t: int, per_task: int = 2, tasks: int = 3) -> TaskInfo:
@@ -151,13 +151,6 @@ def test_after_task_aligns_only_incremental_tasks():
     assert torch.equal(off.model.fc.weight, w)
 
 
-def _toy_data(n: int, classes: int) -> TensorDataset:
-    g = torch.Generator().manual_seed(1)
-    y = torch.arange(n) % classes
-    x = torch.randn(n, 3, 8, 8, generator=g) + y[:, None, None, None].float()
-    return TensorDataset(x, y)
-
-
 def test_main_phase_trains_only_the_new_extractor_through_the_real_loop():
     method = _der()
     method.before_task(_task(0))
@@ -165,7 +158,7 @@ def test_main_phase_trains_only_the_new_extractor_through_the_real_loop():
     old = {k: v.clone() for k, v in method.model.extractors[0].state_dict().items()}
     new = {k: v.clone() for k, v in method.model.extractors[1].state_dict().items()}
     phase = PhaseConfig(epochs=2, batch_size=8, lr=0.1, sched="constant")
-    train_phase(method, _toy_data(32, 4), phase, _task(1), RuntimeContext(progress=False), seed=0)
+    train_phase(method, toy_data(32, 4), phase, _task(1), RuntimeContext(progress=False), seed=0)
     for k, v in method.model.extractors[0].state_dict().items():
         assert torch.equal(v, old[k]), k                 # weights AND BatchNorm statistics
     assert any(not torch.equal(v, new[k]) for k, v in method.model.extractors[1].state_dict().items())
@@ -187,7 +180,7 @@ def test_decouple_phase_trains_only_the_classifier_on_tempered_logits():
     def spy(module, args):    # record training flags during the phase's forward passes
         seen["extractors_training"] = [e.training for e in method.model.extractors]
     handle = method.model.register_forward_pre_hook(spy)
-    train_phase(method, _toy_data(32, 4), phase, _task(1), RuntimeContext(progress=False), seed=0)
+    train_phase(method, toy_data(32, 4), phase, _task(1), RuntimeContext(progress=False), seed=0)
     handle.remove()
     assert seen["extractors_training"] == [False, False]    # every extractor's BN frozen, the newest included
     for k, v in method.model.extractors.state_dict().items():

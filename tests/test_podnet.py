@@ -6,7 +6,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import TensorDataset
 
 from harness.config.compose import RECIPES_DIR, defaults, load_yaml
 from harness.config.phases import balanced_phase
@@ -19,6 +18,7 @@ from harness.data import ArrayData, DatasetInfo, TaskDataset, build_transform
 from harness.errors import ConfigError
 from harness.run.trial import TrialTools
 from methods.podnet import PODNet, kmeans_proxies, nca_loss, pod_flat_loss, pod_spatial_loss, stage_maps
+from toy_data import toy_data  # noqa: E402
 
 
 def _task(t: int, per_task: int = 2, tasks: int = 3) -> TaskInfo:
@@ -40,12 +40,6 @@ def _podnet(seed: int = 0, **kw) -> PODNet:
     method = PODNet(_config(**kw), torch.device("cpu"))
     method.build()
     return method
-
-
-def _toy_data(n: int, classes: int) -> TensorDataset:
-    g = torch.Generator().manual_seed(1)
-    y = torch.arange(n) % classes
-    return TensorDataset(torch.randn(n, 3, 8, 8, generator=g) + y[:, None, None, None].float(), y)
 
 
 TOY = DatasetInfo("toy", 4, 8, (0.5,) * 3, (0.25,) * 3)
@@ -177,7 +171,7 @@ def test_main_phase_freezes_old_proxies_and_trains_the_rest_through_the_real_loo
     old, new = classifier.proxies[0].detach().clone(), classifier.proxies[1].detach().clone()
     eta = classifier.eta.detach().clone()
     conv = method.model.backbone.body[0].weight.detach().clone()
-    train_phase(method, _toy_data(32, 4), PhaseConfig(epochs=2, batch_size=8, lr=0.1, sched="constant"), _task(1),
+    train_phase(method, toy_data(32, 4), PhaseConfig(epochs=2, batch_size=8, lr=0.1, sched="constant"), _task(1),
                 RuntimeContext(progress=False), seed=0)
     assert torch.equal(classifier.proxies[0], old)                 # the authors' `old_weights: 0`
     assert not torch.equal(classifier.proxies[1], new)
@@ -236,7 +230,7 @@ def test_checkpoint_round_trip_after_replaying_before_task_predicts_the_same():
     _with_memory(method)
     for t in range(2):
         method.before_task(_task(t))
-        train_phase(method, _toy_data(16, 2 * (t + 1)), PhaseConfig(epochs=1, batch_size=8, sched="constant"),
+        train_phase(method, toy_data(16, 2 * (t + 1)), PhaseConfig(epochs=1, batch_size=8, sched="constant"),
                     _task(t), RuntimeContext(progress=False), seed=0)
     method.after_task(_task(1))                    # class means of the 4 classes in the memory
     buf = io.BytesIO()

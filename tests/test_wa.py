@@ -5,7 +5,6 @@ import io
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils.data import TensorDataset
 
 from harness.config.compose import resolve_config
 from harness.core.loop import train_phase
@@ -13,6 +12,7 @@ from harness.core.method import PhaseConfig, TaskInfo
 from harness.core.runtime import RuntimeContext
 from methods.bic import balanced_kd_loss
 from methods.wa import WA
+from toy_data import toy_data  # noqa: E402
 
 
 def _task(t: int) -> TaskInfo:
@@ -26,12 +26,6 @@ def _wa(**options) -> WA:
     method.build()
     method.net = method.model
     return method
-
-
-def _toy_data(n: int, classes: int) -> TensorDataset:
-    g = torch.Generator().manual_seed(1)
-    y = torch.arange(n) % classes
-    return TensorDataset(torch.randn(n, 3, 8, 8, generator=g) + y[:, None, None, None].float(), y)
 
 
 def test_first_task_is_cross_entropy_and_later_tasks_balance_kd_from_the_previous_model():
@@ -88,7 +82,7 @@ def test_classifier_is_clipped_after_every_step_of_the_real_loop(clip):
     def spy(module, args) -> None:          # the classifier each training forward pass reads
         minima.append(min(p.min().item() for p in module.parameters()))
     handle = method.model.fc.register_forward_pre_hook(spy)
-    train_phase(method, _toy_data(32, 2), PhaseConfig(epochs=2, batch_size=8, lr=0.1, sched="constant"),
+    train_phase(method, toy_data(32, 2), PhaseConfig(epochs=2, batch_size=8, lr=0.1, sched="constant"),
                 _task(0), RuntimeContext(progress=False), seed=0)
     handle.remove()
     assert len(minima) == 8 and minima[0] < 0                      # the initial classifier has negative entries
@@ -105,7 +99,7 @@ def test_checkpoint_after_replaying_before_task_gives_the_same_predictions_and_g
     method = _wa()
     for t in range(2):
         method.before_task(_task(t))
-        train_phase(method, _toy_data(16, 2 * (t + 1)), PhaseConfig(epochs=1, batch_size=8, sched="constant"),
+        train_phase(method, toy_data(16, 2 * (t + 1)), PhaseConfig(epochs=1, batch_size=8, sched="constant"),
                     _task(t), RuntimeContext(progress=False), seed=0)
         method.after_task(_task(t))
     buf = io.BytesIO()

@@ -7,30 +7,19 @@ Written as CSV, Markdown and one PNG with every method's mean accuracy curve.
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Sequence
 
 import pandas as pd
 
 from harness.tracking import plots
-from harness.tracking.paired import METRICS, paired_differences
+from harness.tracking.paired import METRICS, main_head_metric, paired_differences
 from harness.tracking.report import find_published, run_protocol
 from harness.tracking.store import variant_of
-from harness.tracking.tables import MISSING, markdown_table, mean_std, mean_std_text
+from harness.tracking.tables import MISSING, markdown_table, mean_std, mean_std_text, signed
 
 COLUMNS = ["Method", "Variant", "Trials", "Avg inc acc", "Last acc", "Params (M)", "Compute (worker-h)",
            "Published avg / last", "Δ published avg / last"]
-
-
-def _main_metric(result: dict, key: str) -> float:
-    heads = result.get("metrics") or {}
-    value = next(iter(heads.values()), {}).get(key) if heads else None
-    return math.nan if value is None else float(value)
-
-
-def _signed(value: float | None) -> str:
-    return MISSING if value is None or math.isnan(value) else f"{value:+.2f}"
 
 
 def comparison_table(results: list[dict], methods: Sequence[str], reference: str,
@@ -43,8 +32,8 @@ def comparison_table(results: list[dict], methods: Sequence[str], reference: str
         mine = [r for r in results if r.get("method") == method]
         ok = [r for r in mine if r.get("status") == "finished"]
         config = (ok or mine or [{}])[0].get("config") or {}
-        avg = mean_std(pd.Series([_main_metric(r, METRICS["avg"]) for r in ok], dtype=float))
-        last = mean_std(pd.Series([_main_metric(r, METRICS["last"]) for r in ok], dtype=float))
+        avg = mean_std(pd.Series([main_head_metric(r, METRICS["avg"]) for r in ok], dtype=float))
+        last = mean_std(pd.Series([main_head_metric(r, METRICS["last"]) for r in ok], dtype=float))
         params = max((r.get("parameters") or 0 for r in ok), default=0)
         compute = sum(float(r.get("wall_time_s") or 0.0) * int(r.get("world_size") or 1) for r in ok) / 3600
         entry = find_published(published, method, str(config.get("suite")), variant_of(config),
@@ -57,8 +46,8 @@ def comparison_table(results: list[dict], methods: Sequence[str], reference: str
                "Compute (worker-h)": f"{compute:.2f}" if ok else MISSING,
                "Published avg / last": (f"{pub_avg if pub_avg is not None else MISSING} / "
                                         f"{pub_last if pub_last is not None else MISSING}") if entry else MISSING,
-               "Δ published avg / last": (f"{_signed(avg[0] - pub_avg if pub_avg is not None else None)} / "
-                                          f"{_signed(last[0] - pub_last if pub_last is not None else None)}")
+               "Δ published avg / last": (f"{signed(avg[0] - pub_avg if pub_avg is not None else None)} / "
+                                          f"{signed(last[0] - pub_last if pub_last is not None else None)}")
                if entry else MISSING}
         for metric, label in (("avg", "avg"), ("last", "last")):
             diff = paired[metric].get(method)

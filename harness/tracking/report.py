@@ -29,7 +29,7 @@ import yaml
 from harness.errors import ConfigError, HarnessError
 from harness.tracking.store import (DEFAULT_EXPERIMENT, STATUS_FAILED, STATUS_FINISHED, STATUS_KILLED, classes_seen,
                                     is_server, make_client, probe_server, resolve_tracking_uri, sqlite_path)
-from harness.tracking.tables import MISSING, markdown_table, mean_std, mean_std_text, missing
+from harness.tracking.tables import MISSING, markdown_table, mean_std, mean_std_text, missing, signed
 
 ROOT = Path(__file__).resolve().parents[2]
 PUBLISHED = ROOT / "benchmarks" / "published.yaml"
@@ -245,10 +245,6 @@ def _number(value: float) -> str:
     return MISSING if missing(value) else f"{value:.2f}"
 
 
-def _signed(value: float) -> str:
-    return MISSING if missing(value) else f"{value:+.2f}"
-
-
 def to_markdown(table: pd.DataFrame) -> str:
     """The leaderboard as a Markdown table, then the list of failed / unfinished trials."""
     if table.empty:
@@ -288,7 +284,7 @@ def _leaderboard_cells(r: dict, heads: list[str], ambiguous: bool) -> list:
                      f"({r['published_variant']})")
     else:
         cells.append(MISSING)
-    cells.append(f"{_signed(r['diff_avg_inc_acc'])} / {_signed(r['diff_last_acc'])}")
+    cells.append(f"{signed(r['diff_avg_inc_acc'])} / {signed(r['diff_last_acc'])}")
     return cells
 
 

@@ -15,6 +15,11 @@ def missing(value: Any) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
 
 
+def signed(value: float | None) -> str:
+    """A difference with its sign (`+1.23`), `–` when there is none."""
+    return MISSING if missing(value) else f"{value:+.2f}"
+
+
 def mean_std(values: pd.Series) -> tuple[float, float]:
     """(mean, sample std) of the values present; the std is NaN for one value, both are NaN for none."""
     values = values.dropna().astype(float)
