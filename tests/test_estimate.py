@@ -32,6 +32,20 @@ def test_work_counted_by_hand(monkeypatch) -> None:
     assert estimate.estimate_hours(config, "cpu") == pytest.approx(grown / 4e10 / 3600)
 
 
+def test_bic_held_out_split_and_bias_correction_counted_by_hand(monkeypatch) -> None:
+    """BiC on digits-5x2 (memory 100, validation ratio 0.1, 30 bias-correction epochs), forward 1 GFLOP, step 3,
+    a teacher from the second task on. The split held out of tasks 2-5 is int(0.1 x 100 / old classes) images of
+    each seen class: 5 x 4, 2 x 6, 1 x 8, 1 x 10 = 20, 12, 8, 10. Main phases: 2 x 288 x 3e9 + 2 x (288 + 100 -
+    held) x 4e9 summed = 1.3744e13; bias correction 30 x 50 x 1e9 = 1.5e12 (only the bias layer trains: a step is
+    a forward pass); evaluation 1.08e12; herding 5 x 288 x 1e9 = 1.44e12. In all 1.7764e13 FLOPs = 444.1 s."""
+    monkeypatch.setattr(estimate, "_flops", lambda config, tasks: ((1e9, 3e9), (1e9, 3e9), True))
+    config = resolve_config("bic", "digits-5x2")
+    assert estimate.estimate_hours(config, "cpu") == pytest.approx(1.7764e13 / 4e10 / 3600)
+    # the second stage off: nothing held out, no bias correction
+    no_stage2 = (2 * 288 * 3e9 + 4 * 2 * 388 * 4e9 + 1.08e12 + 1.44e12) / 4e10 / 3600
+    assert estimate.estimate_hours({**config, "bias_correction_epochs": 0}, "cpu") == pytest.approx(no_stage2)
+
+
 def test_training_steps_are_counted_with_their_frozen_parts() -> None:
     """A real count on the meta device: a step of a plain CNN is about 3 forward passes; DER's at the last of 5
     tasks far less (4 of its 5 extractors are frozen: no weight gradients, no backward below them)."""
@@ -43,6 +57,9 @@ def test_training_steps_are_counted_with_their_frozen_parts() -> None:
     first, (fwd5, step5), _ = estimate._flops(resolve_config("der", "cifar10-5x2"), tasks)
     assert fwd5 == pytest.approx(5 * first[0], rel=0.01) and step5 < 2 * fwd5
     assert estimate._flops(resolve_config("icarl", "cifar10-5x2"), tasks)[2]           # iCaRL has a teacher
+    # PODNet's forward returns its learned scale (a view of a parameter): counted, not refused
+    (fwd_pod, step_pod), _, _ = estimate._flops(resolve_config("podnet", "cifar10-5x2"), tasks)
+    assert fwd_pod == pytest.approx(fwd, rel=0.2) and 2.5 < step_pod / fwd_pod < 3.5
 
 
 @pytest.mark.parametrize("method,measured_min", [("finetune", 2.4), ("replay", 2.6), ("icarl", 3.3), ("der", 5.9),

@@ -1,8 +1,9 @@
 """A rough wall-time estimate of a benchmark before it starts, so the driver can warn before a run of hours.
 
 Work = floating-point operations: every training image costs one training step (forward + backward), plus a
-forward pass when a frozen teacher is run on it (iCaRL, DyTox from the second task on); evaluation and herding
-features cost one forward pass each. Both costs are counted once per benchmark on the `meta` device (shapes
+forward pass when a frozen teacher is run on it (iCaRL, DyTox from the second task on); evaluation, herding
+features and a phase that trains only a head on a frozen network (the balanced-memory phases, BiC's bias
+correction on the split `Method.hold_out` keeps out of the main phase) cost one forward pass per image. Both costs are counted once per benchmark on the `meta` device (shapes
 only, no memory, no data) at the first and the last task (DER grows one extractor per task) and interpolated
 between. Speed = a conservative effective throughput of the detected device (small models do not
 reach a device's peak). Numbers are within a factor of about 2 on the machines measured; the point is to tell
@@ -45,7 +46,9 @@ def _flops(config: dict, tasks: list[TaskInfo]) -> tuple[tuple[float, float], tu
 
     def count() -> tuple[float, float]:
         method.model.eval()
-        with FlopCounterMode(display=False) as forward, torch.no_grad():
+        # grad mode on although nothing is backpropagated: under no_grad a model that returns a view of a
+        # parameter (PODNet's learned scale) hands the counter's module tracker a tensor it rejects
+        with FlopCounterMode(display=False) as forward:
             method.model(x)
         method.model.train()
         with FlopCounterMode(display=False) as step:
@@ -65,6 +68,27 @@ def _flops(config: dict, tasks: list[TaskInfo]) -> tuple[tuple[float, float], tu
             method.before_task(task)
             teacher = teacher or getattr(method, "teacher", None) is not None
         return first, count() if len(tasks) > 1 else first, teacher
+
+
+def _held_out_sizes(config: dict, tasks: list[TaskInfo], per_class: int, memory_sizes: list[int]) -> list[int]:
+    """How many images the method's `hold_out` keeps out of each task's main phase (BiC's validation split), asked
+    of the method itself on labels-only data: the task's new classes at `per_class` images each, plus the memory
+    (`memory_sizes[t]` images spread evenly over the old classes)."""
+    import numpy as np
+
+    from harness.config.catalog import get_method
+    from harness.data.base import ArrayData
+
+    method = get_method(config["method"])(config, torch.device("meta"))
+    with torch.device("meta"):
+        method.build()
+    sizes = []
+    for task, memory_now in zip(tasks, memory_sizes):
+        old = np.repeat(np.arange(task.num_old_classes), memory_now // max(1, task.num_old_classes))
+        labels = np.concatenate([old, np.repeat(np.arange(task.num_old_classes, task.num_seen_classes), per_class)])
+        _, held_out = method.hold_out(ArrayData(np.zeros((len(labels), 1), np.uint8), labels, []), task)
+        sizes.append(0 if held_out is None else len(held_out))
+    return sizes
 
 
 def estimate_hours(config: dict, device: torch.device | str | None = None) -> float:
@@ -98,6 +122,15 @@ def estimate_hours(config: dict, device: torch.device | str | None = None) -> fl
     method_cls = get_method(config["method"])
     budget = memory_budget(config, method_cls)
     balanced = balanced_phase(config, method_cls.balanced_phase)
+    held_out_phase = balanced_phase(config, method_cls.held_out_phase)
+    memory_sizes = [0 if budget is None else min(budget.capacity(task.num_old_classes),
+                                                 task.num_old_classes * per_class) for task in tasks]
+    held_out = [0] * len(tasks)
+    if held_out_phase is not None:
+        try:
+            held_out = _held_out_sizes(config, tasks, per_class, memory_sizes)
+        except Exception:  # noqa: BLE001 -- an estimate must never stop a run
+            return math.nan
     flops = 0.0
     for t, task in enumerate(tasks):
         share = t / max(1, len(tasks) - 1)
@@ -105,11 +138,11 @@ def estimate_hours(config: dict, device: torch.device | str | None = None) -> fl
         new = task.num_new_classes * per_class
         if method_cls.cumulative_data:            # joint: all the data seen so far
             new = task.num_seen_classes * per_class
-        memory_now = 0 if budget is None else min(budget.capacity(task.num_old_classes),
-                                                  task.num_old_classes * per_class)
         epochs = main_phase(config, t).epochs
         per_image = step + (forward if teacher and t > 0 else 0.0)
-        flops += epochs * (new + memory_now) * per_image
+        flops += epochs * (new + memory_sizes[t] - held_out[t]) * per_image
+        if held_out[t]:           # BiC's bias correction: only 2 parameters train, a step costs a forward pass
+            flops += held_out_phase.epochs * held_out[t] * forward
         if t > 0 and balanced is not None and budget is not None:
             # the balanced-memory phase (DyTox's finetuning, DER's classifier re-training): the encoder is
             # frozen there, so a step costs about a forward pass
