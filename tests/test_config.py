@@ -132,12 +132,41 @@ def test_every_shipped_suite_method_and_recipe_passes_the_schema():
     from harness.run.preflight import check_config, check_scenario
     from harness.config.catalog import list_methods
 
+    from harness.config.compose import load_suite
+
     for suite in list_suites():
+        suite_cfg = load_suite(suite)
         for method in list_methods():
-            for recipe in [None, *sorted(p.stem for p in (ROOT / "benchmarks" / "recipes" / method).glob("*.yaml"))]:
+            recipes = sorted(p.stem for p in (ROOT / "benchmarks" / "recipes" / method).glob("*.yaml"))
+            for recipe in [None, *recipes]:
+                if recipe is None and suite_cfg.get("recipe") not in (None, *recipes) \
+                        and suite_cfg.get("recipe_fallback") is None:
+                    with pytest.raises(ConfigError, match=f"^{method} cannot run on suite {suite}: it has no"):
+                        compose_config(method, suite)
+                    continue
                 config, origins = compose_config(method, suite, recipe=recipe)
                 check_config(config, origins)
                 check_scenario(config)
+
+
+def test_a_suites_recipe_must_exist_for_the_method_unless_the_suite_falls_back_to_default(tmp_path):
+    """The CPU and ImageNet suites' recipes carry their budget: a method without one would silently run its full
+    paper recipe, so it is refused, in `--method` and `table` alike. The CIFAR-100 suites fall back to the method's
+    default.yaml (its paper's CIFAR-100 recipe)."""
+    from harness.config.compose import compose_config
+
+    config, _ = compose_config("ucir", "cifar100")          # no ucir/cifar100.yaml: the paper's default
+    assert config["recipe_files"] == ["benchmarks/recipes/ucir/default.yaml"]
+    assert compose_config("icarl", "cifar100")[0]["recipe_files"][-1] == "benchmarks/recipes/icarl/cifar100.yaml"
+    with pytest.raises(ConfigError, match="^finetune cannot run on suite imagenet100: it has no 'imagenet' recipe"):
+        compose_config("finetune", "imagenet100")
+    assert compose_config("finetune", "imagenet100", recipe="default")[0]["recipe_files"] == \
+        ["benchmarks/recipes/finetune/default.yaml"]                     # asked for by name: allowed
+    suite = tmp_path / "s.yaml"
+    suite.write_text((ROOT / "benchmarks" / "suites" / "cifar100.yaml").read_text().replace(
+        "recipe_fallback: default", "recipe_fallback: cpu"))
+    with pytest.raises(ConfigError, match="recipe_fallback must be `default` or absent, got 'cpu'"):
+        compose_config("ucir", str(suite))
 
 
 def test_schema_types_follow_yaml():

@@ -20,7 +20,7 @@ SUITES_DIR = BENCHMARKS / "suites"
 RECIPES_DIR = BENCHMARKS / "recipes"
 
 # Keys a suite file may hold besides ordinary options.
-SUITE_KEYS = {"name", "description", "orders", "seeds", "recipe", "budget"}
+SUITE_KEYS = {"name", "description", "orders", "seeds", "recipe", "recipe_fallback", "budget"}
 
 
 def load_yaml(path: str | Path) -> dict:
@@ -64,8 +64,10 @@ def defaults() -> dict:
     return load_yaml(RECIPES_DIR / "defaults.yaml")
 
 
-def method_recipe(method: str, recipe: str | None, explicit: bool) -> tuple[dict, list[str]]:
-    """The method's default.yaml, then the named recipe (from --recipe or the suite) if it exists."""
+def method_recipe(method: str, recipe: str | None, explicit: bool,
+                  suite: str | None = None) -> tuple[dict, list[str]]:
+    """The method's default.yaml, then the named recipe (from --recipe or the suite). A recipe the method lacks
+    is an error unless `explicit` is False (the suite allows the fallback: `recipe_fallback: default`)."""
     out, used = {}, []
     base = RECIPES_DIR / method / "default.yaml"
     if base.is_file():
@@ -76,10 +78,27 @@ def method_recipe(method: str, recipe: str | None, explicit: bool) -> tuple[dict
         if path.is_file():
             out.update(load_yaml(path))
             used.append(str(path.relative_to(ROOT)))
+        elif explicit and suite is not None:
+            # a suite's recipe carries its budget (e.g. `cpu`): a method without it would silently get its
+            # full paper recipe instead
+            raise ConfigError(f"{method} cannot run on suite {suite}: it has no {recipe!r} recipe "
+                              f"(benchmarks/recipes/{method}/{recipe}.yaml); add one, or run another method")
         elif explicit:
             available = sorted(p.stem for p in (RECIPES_DIR / method).glob("*.yaml"))
             raise ConfigError(f"no recipe {recipe!r} for method {method!r}; available: {', '.join(available)}")
     return out, used
+
+
+def suite_recipe(method: str, suite_cfg: dict, recipe: str | None = None) -> tuple[dict, list[str]]:
+    """The recipe `method` runs on a suite: --recipe when given, else the suite's `recipe`. Either must exist for
+    the method, except where the suite says `recipe_fallback: default` (the CIFAR-100 suites: a method's
+    default.yaml is its paper's CIFAR-100 recipe)."""
+    if recipe is not None:
+        return method_recipe(method, recipe, explicit=True)
+    fallback = suite_cfg.get("recipe_fallback")
+    if fallback not in (None, "default"):
+        raise ConfigError(f"suite {suite_cfg['name']}: recipe_fallback must be `default` or absent, got {fallback!r}")
+    return method_recipe(method, suite_cfg.get("recipe"), explicit=fallback is None, suite=suite_cfg["name"])
 
 
 def _apply(config: dict, updates: dict, known: set[str], method_cls: type, source: str,
@@ -130,7 +149,7 @@ def compose_config(method: str, suite: str, options: Iterable[str] = (), overrid
     config = defaults()
     origins = {key: "benchmarks/recipes/defaults.yaml" for key in config}
     suite_cfg = load_suite(suite)
-    recipe_cfg, recipe_files = method_recipe(method, recipe or suite_cfg.get("recipe"), explicit=recipe is not None)
+    recipe_cfg, recipe_files = suite_recipe(method, suite_cfg, recipe)
     known = set(config) | set(recipe_cfg) | SUITE_KEYS
     _apply(config, {k: v for k, v in suite_cfg.items() if k not in SUITE_KEYS}, known, method_cls,
            f"suite {suite}", origins)

@@ -157,12 +157,12 @@ def _parse_param(key: str, raw: Any, where: str) -> Param:
 def option_keys(method: str, suite: str, recipe: str | None = None) -> tuple[set[str], dict[str, str | None]]:
     """(option keys the method accepts on this suite, the method's option aliases) -- the rules
     harness.config.resolve_config applies to --options files."""
-    from harness.config.compose import defaults, load_suite, method_recipe
+    from harness.config.compose import defaults, load_suite, suite_recipe
     from harness.config.catalog import get_method
 
     method_cls = get_method(method)
     suite_cfg = load_suite(suite)
-    recipe_cfg, _ = method_recipe(method, recipe or suite_cfg.get("recipe"), explicit=recipe is not None)
+    recipe_cfg, _ = suite_recipe(method, suite_cfg, recipe)
     return set(defaults()) | set(recipe_cfg), dict(method_cls.option_aliases)
 
 
