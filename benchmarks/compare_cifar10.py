@@ -26,8 +26,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import torch  # noqa: E402
+
 import run_benchmark  # noqa: E402
 from harness.config.catalog import list_methods  # noqa: E402
+from harness.core.runtime import cpu_model  # noqa: E402
 
 # The table's order: the bounds, then the rehearsal and distillation baselines, then the expanding/transformer ones.
 ORDER = ["finetune", "replay", "lwf", "icarl", "ucir", "bic", "wa", "podnet", "der", "dytox", "joint"]
@@ -88,8 +91,10 @@ def main(argv: list[str] | None = None) -> int:
         table_path.read_text().rstrip(), "",
         "Checks (main head of each method):", *checks(rows), "",
         f"Wall time of this invocation: {wall / 60:.1f} min (finished trials are not rerun). Machine: "
-        f"{platform.machine()}, {os.cpu_count()} CPU(s), load average before/after {load_before[0]:.1f} / "
-        f"{os.getloadavg()[0]:.1f}.", ""])
+        f"{cpu_model()} ({platform.machine()}, torch CPU kernels {torch.backends.cpu.get_cpu_capability()}), "
+        f"{os.cpu_count()} CPU(s), load average before/after {load_before[0]:.1f} / {os.getloadavg()[0]:.1f}. "
+        "Each trial's result.json records its machine: float rounding, and so every trial's path, differs between "
+        "CPUs.", ""])
     md = Path(args.markdown) if args.markdown else ROOT / "benchmarks" / "results" / f"{args.suite.replace('-', '_')}.md"
     md.parent.mkdir(parents=True, exist_ok=True)
     md.write_text(text)

@@ -60,6 +60,8 @@ def test_two_methods_two_seeds_one_table_with_paired_differences_and_a_rerun_ski
     results = [json.loads(p.read_text()) for p in sorted(out_dir.glob("trials/*/result.json"))]
     assert sorted((r["method"], r["seed"]) for r in results) == [("finetune", 0), ("finetune", 1),
                                                                 ("replay", 0), ("replay", 1)]
+    import torch        # the machine behind the numbers (float rounding follows the CPU's kernels)
+    assert {r["machine"]["cpu_capability"] for r in results} == {torch.backends.cpu.get_cpu_capability()}
     rows = list(csv.DictReader((out_dir / "table_digits-5x2.csv").open()))
     assert [r["Method"] for r in rows] == ["replay", "finetune"]      # the order asked for
     assert rows[0]["Δ avg vs replay [95% CI]"] == "reference"

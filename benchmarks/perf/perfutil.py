@@ -18,31 +18,15 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
-def cpu_model() -> str:
-    """lscpu's "Model name" (falls back to /proc/cpuinfo, then platform.processor())."""
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        for line in out.splitlines():
-            if line.strip().lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def machine_info() -> dict:
     """Everything a reader needs to judge a number: CPU, GPU, versions, commit, date, load."""
     import torch
     import torchvision
 
+    from harness.core.runtime import cpu_model
+
     info = {
-        "cpu_model": cpu_model(), "cpus": os.cpu_count(),
+        "cpu_model": cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpus": os.cpu_count(),
         "cpus_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
         "python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,

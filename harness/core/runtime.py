@@ -35,6 +35,27 @@ def amp_dtype(device: torch.device, requested: str | bool = "auto") -> torch.dty
     return torch.float16
 
 
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo, else platform.processor())."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine_record(device: torch.device) -> dict:
+    """What a trial's numbers depend on besides its options: float rounding follows the kernels torch picks for
+    this CPU (its instruction set) or GPU, so the same trial can differ by a few points between machines."""
+    return {"cpu": cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
+
+
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch (all ranks use the same seed: replicas start identical)."""
     random.seed(seed)

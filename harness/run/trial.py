@@ -26,7 +26,7 @@ from harness.config.catalog import get_method
 from harness.config.memory import memory_budget
 from harness.config.phases import balanced_phase, main_phase
 from harness.run.results import move_aside, warn_stderr
-from harness.core.runtime import RuntimeContext, seed_everything
+from harness.core.runtime import RuntimeContext, machine_record, seed_everything
 from harness.core.scenarios import Scenario, resolve_class_order
 
 
@@ -258,6 +258,7 @@ def run_trial(spec: dict, ctx: RuntimeContext) -> dict:
         "num_tasks": num_tasks, "parameters": method.parameter_count(), "validation": validation,
         "wall_time_s": time.perf_counter() - started, "world_size": ctx.world_size,
         "resumed_from": ckpt_path.name if ckpt_path is not None else None,
+        "machine": machine_record(ctx.device),
     }
 
 
