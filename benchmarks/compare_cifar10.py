@@ -50,6 +50,15 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     return p.parse_args(own), extra
 
 
+def repo_relative(args: list[str]) -> str:
+    """Command-line arguments as a reader would type them: an absolute path under the repository becomes relative,
+    so a results page carries no machine's paths."""
+    def shown(arg: str) -> str:
+        path = Path(arg)
+        return str(path.relative_to(ROOT)) if path.is_absolute() and path.is_relative_to(ROOT) else arg
+    return " ".join(shown(a) for a in args)
+
+
 def mean_of(cell: str) -> float | None:
     """The mean of a `mean ± std` cell of the table."""
     try:
@@ -85,9 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = {r["Method"]: r for r in csv.DictReader(table_path.with_suffix(".csv").open())}
     text = "\n".join([
         f"# {args.suite}: class-incremental comparison", "",
-        f"`python run_benchmark.py {' '.join(command)}` (what `python benchmarks/compare_cifar10.py "
-        f"{' '.join(argv)}` runs). The suite's budget for every method (benchmarks/suites/{args.suite}.yaml); mean "
-        "± std over the class orders; accuracies in %.", "",
+        f"`python run_benchmark.py {repo_relative(command)}` (what `python benchmarks/compare_cifar10.py "
+        f"{repo_relative(argv)}` runs). The suite's budget for every method (benchmarks/suites/{args.suite}.yaml); "
+        "mean ± std over the class orders; accuracies in %.", "",
         table_path.read_text().rstrip(), "",
         "Checks (main head of each method):", *checks(rows), "",
         f"Wall time of this invocation: {wall / 60:.1f} min (finished trials are not rerun). Machine: "
@@ -95,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{os.cpu_count()} CPU(s), load average before/after {load_before[0]:.1f} / {os.getloadavg()[0]:.1f}. "
         "Each trial's result.json records its machine: float rounding, and so every trial's path, differs between "
         "CPUs.", ""])
-    md = Path(args.markdown) if args.markdown else ROOT / "benchmarks" / "results" / f"{args.suite.replace('-', '_')}.md"
+    default_md = ROOT / "benchmarks" / "results" / f"{args.suite.replace('-', '_')}.md"
+    md = Path(args.markdown) if args.markdown else default_md
     md.parent.mkdir(parents=True, exist_ok=True)
     md.write_text(text)
     print(f"written: {md}")

@@ -77,3 +77,30 @@ def test_two_methods_two_seeds_one_table_with_paired_differences_and_a_rerun_ski
     assert again.returncode == 0, again.stderr[-2000:]
     assert {p: p.stat().st_mtime_ns for p in out_dir.glob("trials/*/result.json")} == stamps   # nothing re-run
     assert list(csv.DictReader((out_dir / "table_digits-5x2.csv").open())) == rows
+
+
+def test_compare_cifar10_is_the_table_command_plus_its_checks(tmp_path):
+    """benchmarks/compare_cifar10.py on digits (seconds): the table command's rows, the ordering checks, and a
+    results page that names the command with repository-relative paths, never this machine's."""
+    out_dir, page = ROOT / "results" / f"test_compare_{tmp_path.name}", tmp_path / "page.md"
+    try:
+        proc = subprocess.run(
+            [sys.executable, "benchmarks/compare_cifar10.py", "--suite", "digits-5x2", "--methods", "finetune",
+             "replay", "icarl", "der", "--output-dir", str(out_dir), "--markdown", str(page), "--",
+             "--launcher", "local", "--no-tracking", "--quiet"],
+            cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        text = page.read_text()
+        assert (f"`python run_benchmark.py table --suite digits-5x2 --methods finetune replay icarl der --reference "
+                f"finetune --output-dir results/{out_dir.name} --launcher local") in text
+        assert str(ROOT) not in text and f"--output-dir results/{out_dir.name} --markdown" in text
+        rows = list(csv.DictReader((out_dir / "table_digits-5x2.csv").open()))
+        assert [r["Method"] for r in rows] == ["finetune", "replay", "icarl", "der"]
+        checks = [line for line in text.splitlines() if line.startswith("- ")]
+        assert [c.split(" ", 2)[2] for c in checks] == [
+            "last accuracy: icarl > finetune", "last accuracy: der > finetune",
+            "avg incremental accuracy: finetune < replay", "avg incremental accuracy: replay <= icarl"]
+        assert all(c.split(" ")[1] in ("PASS", "FAIL") for c in checks)
+    finally:
+        import shutil
+        shutil.rmtree(out_dir, ignore_errors=True)

@@ -2,8 +2,8 @@
 CaiT-style class-attention block used as DyTox's Task-Attention Block (TAB).
 
 Written from the papers' equations (ConViT, d'Ascoli et al. 2021; CaiT, Touvron et al. 2021; DyTox, Douillard
-et al. 2022) and /work/shared/reference/dytox.md, section 1.1. Shapes: B batch, N patches, T task tokens,
-C = embed dim, H heads, d = C // H.
+et al. 2022) and the reference notes (shared/reference/dytox.md), section 1.1. Shapes: B batch, N patches,
+T task tokens, C = embed dim, H heads, d = C // H.
 """
 from __future__ import annotations
 
