@@ -260,7 +260,9 @@ def test_a_crashing_trial_is_recorded_failed_not_interrupted(ray_session, tmp_pa
     assert any("FAILED: InjectedFault" in line for line in lines)
 
 
-@pytest.mark.parametrize("workers", [1, 2])
+# 2 workers: about a minute here, most of it Ray Train starting its controller and worker group, so the slow suite
+# (which CI runs) checks that path; the default suite checks the trial actor's.
+@pytest.mark.parametrize("workers", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_a_user_error_inside_a_trial_is_one_line_in_the_driver(ray_session, tmp_path, workers):
     """What pre-flight cannot see (here an unknown backbone, raised when the worker builds the model) reaches the
     driver as the user's own error, one line, from the trial's actor (1 worker) or a Ray Train worker (2)."""
